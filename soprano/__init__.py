@@ -1,0 +1,1 @@
+"""Soprano: a fast, streaming, lossless text-to-speech engine."""

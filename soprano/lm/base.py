@@ -1,0 +1,133 @@
+"""The interface every language-model backend implements.
+
+A backend turns prompts into audio tokens and, for each token, the post-norm last-layer hidden
+state whose logits produced it (compatibility decision (a)). Everything downstream (batching of
+sentences, streaming, decoding) is written against `LanguageModel.stream`, so one step loop serves
+offline and streaming inference and their outputs agree.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from soprano.constants import (
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_NEW_TOKENS,
+    STOP_ID,
+)
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are chosen. temperature 0 is greedy; a seed makes sampling repeatable."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+    max_new_tokens: int = MAX_NEW_TOKENS
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
+            )
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One token generated for one sequence."""
+
+    index: int
+    """Position of the sequence's prompt in the list given to `stream`."""
+    token: int
+    """The sampled token id; STOP_ID ends the sequence."""
+    hidden: torch.Tensor
+    """[hidden_size] float32: the state whose logits produced `token`."""
+    last: bool
+    """True when the sequence ends here, by STOP_ID or by reaching max_new_tokens."""
+
+    @property
+    def is_audio(self) -> bool:
+        return self.token != STOP_ID
+
+
+@dataclass
+class Generation:
+    """The audio-token frames of one finished sequence."""
+
+    tokens: list[int]
+    hidden: torch.Tensor
+    """[n, hidden_size] float32, one frame per audio token (the STOP state dropped)."""
+    finish_reason: FinishReason
+
+
+class LanguageModel(ABC):
+    """A Soprano LM backend."""
+
+    name: ClassVar[str]
+    device: torch.device
+    hidden_size: int
+
+    @abstractmethod
+    def stream(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> Iterator[list[Step]]:
+        """Generate all prompts together, yielding one Step per active sequence per decode step.
+
+        Each sequence ends with a Step whose `last` is True; after it the sequence yields nothing.
+        """
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Generation]:
+        """Run `stream` to the end and gather each sequence's frames."""
+        tokens: list[list[int]] = [[] for _ in prompts]
+        frames: list[list[torch.Tensor]] = [[] for _ in prompts]
+        reasons: list[FinishReason] = ["length"] * len(prompts)
+        for steps in self.stream(prompts, params):
+            for step in steps:
+                if step.is_audio:
+                    tokens[step.index].append(step.token)
+                    frames[step.index].append(step.hidden)
+                else:
+                    reasons[step.index] = "stop"
+        return [
+            Generation(t, stack_frames(f, self.hidden_size, self.device), r)
+            for t, f, r in zip(tokens, frames, reasons, strict=True)
+        ]
+
+
+def stack_frames(
+    frames: Sequence[torch.Tensor], hidden_size: int, device: torch.device
+) -> torch.Tensor:
+    """Stack frames into [n, hidden_size], also when there are none."""
+    if not frames:
+        return torch.zeros(0, hidden_size, device=device)
+    return torch.stack(list(frames))

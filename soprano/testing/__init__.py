@@ -1,0 +1,1 @@
+"""Tools for testing and benchmarking without the published weights."""
