@@ -1,0 +1,80 @@
+"""The reference backend: Hugging Face transformers' Qwen3ForCausalLM in a plain step loop.
+
+It does not call `generate()`: one hand-written loop shared with streaming keeps the token
+choice (TokenSampler) and the hidden-state alignment identical in every path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from soprano.checkpoint import Checkpoint
+from soprano.constants import STOP_ID
+from soprano.errors import ModelLoadError
+from soprano.lm.base import LanguageModel, SamplingParams, Step
+from soprano.lm.sampling import TokenSampler
+
+
+class TransformersLM(LanguageModel):
+    name = "transformers"
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device) -> None:
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ModelLoadError(f"transformers cannot load {checkpoint.path}: {error}") from error
+        self.model = model.to(device).eval()
+        self.device = device
+        self.hidden_size = checkpoint.config.hidden_size
+        self.vocab_size = checkpoint.config.vocab_size
+
+    @torch.inference_mode()
+    def stream(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> Iterator[list[Step]]:
+        from transformers import DynamicCache
+
+        if not prompts:
+            return
+        sampler = TokenSampler(prompts, params, self.vocab_size, self.device)
+        longest = max(len(prompt) for prompt in prompts)
+        input_ids = torch.full((len(prompts), longest), STOP_ID, dtype=torch.long)
+        attention_mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, longest - len(prompt) :] = torch.tensor(list(prompt))
+            attention_mask[row, longest - len(prompt) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        rows = torch.arange(len(prompts), device=self.device)
+        active = [True] * len(prompts)
+        for step in range(params.max_new_tokens):
+            output = self.model.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            hidden = output.last_hidden_state[:, -1]
+            tokens = sampler(self.model.lm_head(hidden), rows)
+            steps = []
+            for row, token in enumerate(tokens.tolist()):
+                if not active[row]:
+                    continue
+                last = token == STOP_ID or step == params.max_new_tokens - 1
+                steps.append(Step(row, token, hidden[row].float(), last))
+                active[row] = not last
+            yield steps
+            if not any(active):
+                return
+            input_ids = tokens.unsqueeze(1)
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones(len(prompts), 1)], 1
+            )
+            positions = positions[:, -1:] + 1
