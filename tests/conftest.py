@@ -1,0 +1,23 @@
+"""Shared fixtures: random-weight checkpoints in the published layout, made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from soprano.testing.make_checkpoint import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Soprano-1.1-style checkpoint (decoder 1×1 embed)."""
+    return make_checkpoint(tmp_path_factory.mktemp("soprano-tiny"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_80m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Soprano-80M-style checkpoint (decoder kernel-3 embed)."""
+    return make_checkpoint(
+        tmp_path_factory.mktemp("soprano-tiny-80m"), size="tiny", decoder="80m", seed=1
+    )
