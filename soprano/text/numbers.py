@@ -1,0 +1,152 @@
+"""Spoken forms of numbers (spec §3.2 step 4): the model only knows letters, so every digit goes.
+
+The sub-steps run in the spec's order; each one rewrites digits into a form that the later ones
+(and finally the plain integer rule) turn into words. Deviations from upstream are marked "Fix:".
+"""
+
+from __future__ import annotations
+
+import re
+
+import inflect
+
+_INFLECT = inflect.engine()
+
+MAX_SPOKEN_DIGITS = 36
+"""inflect names numbers up to 36 digits; longer digit runs are read one digit at a time."""
+
+_NUMBER_SIGN = re.compile(r"#(\d)")
+_MAGNITUDE_SUFFIX = re.compile(r"\b(\d+)([kmbt])\b", re.IGNORECASE)
+_MAGNITUDES = {"k": "thousand", "m": "million", "b": "billion", "t": "trillion"}
+# Fix: upstream removed every comma between digits, so "1,2,3" became "123". Only real thousands
+# groups ("1,234,567") lose their commas; any other comma between digits separates a list and
+# gets a space after it ("1,2,3" -> "1, 2, 3").
+_THOUSANDS_GROUPS = re.compile(r"(?<!\d)(?<!\d,)\d{1,3}(?:,\d{3})+(?!\d|,\d)")
+_LIST_COMMA = re.compile(r"(?<=\d),(?=\d)")
+# Fix: lookarounds instead of upstream's consumed neighbours, so adjacent dates all match.
+_DATE = re.compile(r"(?<!/)(\d{1,2})[/-](\d{1,2})[/-](\d{4}|\d{2})(?!/)")
+_PHONE_NUMBER = re.compile(r"\(?\d{3}\)?[-.\s]\d{3}[-.\s]?\d{4}")
+_TIME = re.compile(r"(\d\d?):(\d\d)(?::(\d\d))?")
+# Upstream never reached this rule (see `_transliterate` in normalize.py); now that it runs,
+# pence are part of the amount ("£3.50" -> "3.50 pounds"), not a stray ".50" left behind.
+_POUNDS = re.compile(r"£(\d+(?:\.\d+)?)")
+# Commas are settled by the thousands rule above: a comma left after "$1" separates a list.
+_DOLLARS = re.compile(r"\$([\d.]*\d)")
+_DECIMAL = re.compile(r"\d+(?:\.\d+)+")
+# Fix: upstream consumed the right-hand digit of each operation, so in chains every second
+# operator was missed ("2*3*4" came out as "two times three four"). Lookarounds read them all.
+_MULTIPLY = re.compile(r"(?<=\d)\s?\*\s?(?=\d)")
+_ADD = re.compile(r"(?<=\d)\s?\+\s?(?=\d)")
+# As upstream, the minus rule needs no digit on the left, so "-1" is " minus 1".
+_SUBTRACT = re.compile(r"\s?-\s?(?=\d)")
+# A run of three or more slash-separated numbers is read with "slash" (spec step 11). Fix: it is
+# matched before the pairwise division rule, which upstream tore such runs apart with.
+_SLASH_RUN = re.compile(r"(?<![\d/])\d+(?:/\d+){2,}(?![\d/])")
+_DIVIDE = re.compile(r"(?<=\d)\s?/\s?(?=\d)")
+_ORDINAL = re.compile(rf"(?<!\d)\d{{1,{MAX_SPOKEN_DIGITS}}}(?:st|nd|rd|th)")
+_LETTER_DIGIT_BOUNDARY = re.compile(r"(?<=\d)(?=[a-z])|(?<=[a-z])(?=\d)", re.IGNORECASE)
+_INTEGER = re.compile(r"\d+")
+
+
+def normalize_numbers(text: str) -> str:
+    """Rewrite every number-like pattern and then every remaining digit run as words."""
+    text = _NUMBER_SIGN.sub(r"number \1", text)
+    text = _MAGNITUDE_SUFFIX.sub(_expand_magnitude, text)
+    text = _THOUSANDS_GROUPS.sub(lambda match: match.group(0).replace(",", ""), text)
+    text = _LIST_COMMA.sub(", ", text)
+    text = _DATE.sub(lambda match: " dash ".join(match.groups()), text)
+    text = _PHONE_NUMBER.sub(_expand_phone_number, text)
+    text = _TIME.sub(_expand_time, text)
+    text = _POUNDS.sub(r"\1 pounds", text)
+    text = _DOLLARS.sub(_expand_dollars, text)
+    text = _DECIMAL.sub(_expand_decimal, text)
+    text = _MULTIPLY.sub(" times ", text)
+    text = _SLASH_RUN.sub(lambda match: " slash ".join(match.group(0).split("/")), text)
+    text = _DIVIDE.sub(" over ", text)
+    text = _ADD.sub(" plus ", text)
+    text = _SUBTRACT.sub(" minus ", text)
+    text = _ORDINAL.sub(lambda match: _INFLECT.number_to_words(match.group(0), andword=""), text)
+    # Upstream ran its consuming split twice to reach every boundary; lookarounds need one pass.
+    text = _LETTER_DIGIT_BOUNDARY.sub(" ", text)
+    return _INTEGER.sub(lambda match: spoken_integer(match.group(0)), text)
+
+
+def spoken_integer(digits: str) -> str:
+    """Say a digit run the way people read it: 1999 as a year, 1100 as "eleven hundred"."""
+    if len(digits) > MAX_SPOKEN_DIGITS:
+        # Fix: upstream crashed here (inflect's range ends at 36 digits).
+        return " ".join(_INFLECT.number_to_words(digit) for digit in digits)
+    number = int(digits)
+    if not 1000 < number < 3000:
+        return _INFLECT.number_to_words(number, andword="")
+    if number == 2000:
+        return "two thousand"
+    if 2000 < number < 2010:
+        return "two thousand " + _INFLECT.number_to_words(number % 100)
+    if number % 100 == 0:
+        return _INFLECT.number_to_words(number // 100) + " hundred"
+    return _INFLECT.number_to_words(number, andword="", zero="oh", group=2).replace(", ", " ")
+
+
+def _expand_magnitude(match: re.Match[str]) -> str:
+    return f"{match.group(1)} {_MAGNITUDES[match.group(2).lower()]}"
+
+
+def _expand_phone_number(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group(0))
+    return ", ".join(" ".join(group) for group in (digits[:3], digits[3:6], digits[6:]))
+
+
+def _clock_field(value: str, when_zero: str) -> str:
+    """Minutes and seconds as read on a clock: "05" is "oh 5"."""
+    if value == "00":
+        return when_zero
+    if value.startswith("0"):
+        return f"oh {value[1]}"
+    return value
+
+
+def _expand_time(match: re.Match[str]) -> str:
+    hours, minutes, seconds = match.groups()
+    if seconds is None:
+        if minutes != "00":
+            return f"{hours} {_clock_field(minutes, '')}"
+        if int(hours) == 0:
+            return "0"
+        if int(hours) > 12:
+            # Fix: upstream said "13 minutes" for "13:00"; a 24-hour time is "thirteen hundred".
+            return f"{hours} hundred"
+        return f"{hours} o'clock"
+    # Fix: upstream rendered minutes such as "15" in "1:15:30" from a Python set literal
+    # ("{'15'}"); every field now goes through the same clock reading.
+    if int(hours) != 0:
+        return f"{hours} {_clock_field(minutes, 'oh oh')} {_clock_field(seconds, '')}"
+    if minutes != "00":
+        return f"{minutes} {_clock_field(seconds, 'oh oh')}"
+    return seconds
+
+
+def _expand_dollars(match: re.Match[str]) -> str:
+    amount = match.group(1)
+    parts = amount.split(".")
+    # Fix: upstream read "$1.5" as "1 dollar, 5 cents" and "$2.475" as "475 cents". One digit
+    # after the point is tens of cents; more than two digits are not cents, so the amount is
+    # read as a decimal number of dollars, like the malformed "$1.2.3".
+    if len(parts) > 2 or (len(parts) == 2 and len(parts[1]) > 2):
+        return f"{amount} dollars"
+    dollars = int(parts[0]) if parts[0] else 0
+    cents = int(parts[1].ljust(2, "0")) if len(parts) == 2 else 0
+    dollar_words = f"{dollars} dollar" + ("" if dollars == 1 else "s")
+    cent_words = f"{cents} cent" + ("" if cents == 1 else "s")
+    if dollars and cents:
+        return f"{dollar_words}, {cent_words}"
+    if dollars:
+        return dollar_words
+    if cents:
+        return cent_words
+    return "zero dollars"
+
+
+def _expand_decimal(match: re.Match[str]) -> str:
+    whole, *fractions = match.group(0).split(".")
+    return whole + "".join(f" point {' '.join(fraction)}" for fraction in fractions)
