@@ -1,0 +1,460 @@
+"""The Soprano decoder: LM hidden states → 32 kHz waveform (spec §2).
+
+Vocos-style: linear ×4 upsampling, a backbone of ConvNeXt blocks and an iSTFT head. Besides the
+plain forward pass it offers batch decoding with left zero-padding (spec §3.7) and an incremental
+streaming decoder (spec §3.9) that computes every frame once and still equals the offline decode.
+
+Every convolution here is a "valid" convolution over a window that carries `context` extra frames
+on each side. Offline decoding pads those frames with zeros (the same as zero-padded convs);
+streaming carries the last frames of the previous chunk instead. One code path serves both, which
+is what makes streamed audio equal offline audio.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soprano.constants import (
+    HOP_LENGTH,
+    N_FFT,
+    RECEPTIVE_FIELD,
+    TOKEN_SAMPLES,
+    UPSAMPLE_FACTOR,
+)
+from soprano.errors import ModelLoadError
+
+SPECTRUM_BINS = N_FFT // 2 + 1
+"""Frequency bins of one STFT frame (1025): the head predicts a log-magnitude and a phase each."""
+
+MAX_MAGNITUDE = 100.0
+"""Upper clip of exp(log-magnitude), a safeguard of the published head."""
+
+LAYER_NORM_EPS = 1e-6
+DEPTHWISE_KERNEL = 3
+INIT_STD = 0.02
+"""Standard deviation of the random backbone weights (Vocos' initialisation)."""
+
+_BLOCK_KEY = re.compile(r"decoder\.convnext\.(\d+)\.")
+
+Stage = Callable[[Tensor], Tensor]
+
+
+def upsample(hidden: Tensor) -> Tensor:
+    """Interpolate [B, C, L] linearly to 4·(L−1)+1 frames; frame 4k is token k exactly."""
+    length = hidden.shape[-1]
+    if length < 2:
+        return hidden
+    size = UPSAMPLE_FACTOR * (length - 1) + 1
+    return F.interpolate(hidden, size=size, mode="linear", align_corners=True)
+
+
+def _norm_channels(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """LayerNorm over the channels of a [B, C, T] tensor."""
+    return norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _inner(window: Tensor, context: int) -> Tensor:
+    return window[..., context : window.shape[-1] - context]
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, then a channel MLP scaled per channel by gamma, added to the input."""
+
+    context = DEPTHWISE_KERNEL // 2
+
+    def __init__(self, dim: int, intermediate_dim: int, layer_scale: float) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, DEPTHWISE_KERNEL, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.pwconv1 = nn.Linear(dim, intermediate_dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(intermediate_dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+
+    def forward(self, window: Tensor) -> Tensor:
+        """Map a [B, D, T + 2·context] window to its T inner frames."""
+        y = self.dwconv(window).transpose(1, 2)
+        y = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return _inner(window, self.context) + y.transpose(1, 2)
+
+
+class VocosBackbone(nn.Module):
+    """Embed conv, LayerNorm, ConvNeXt blocks, final LayerNorm; [B, C, T] → [B, D, T]."""
+
+    def __init__(
+        self,
+        input_channels: int,
+        dim: int,
+        intermediate_dim: int,
+        num_blocks: int,
+        embed_kernel: int,
+    ) -> None:
+        super().__init__()
+        if embed_kernel < 1 or embed_kernel % 2 == 0:
+            raise ValueError(f"embed_kernel must be odd and positive, got {embed_kernel}")
+        self.embed_context = embed_kernel // 2
+        self.embed = nn.Conv1d(input_channels, dim, embed_kernel)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        # Layer scale 1/√blocks (1/√8 for the published models) keeps a random model's
+        # residual stream, and so its waveform, at a sane level.
+        layer_scale = 1 / math.sqrt(num_blocks)
+        self.convnext = nn.ModuleList(
+            ConvNeXtBlock(dim, intermediate_dim, layer_scale) for _ in range(num_blocks)
+        )
+        self.final_layer_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.apply(_init_weights)
+
+    def stages(self) -> list[tuple[Stage, int]]:
+        """The frame-mixing steps in order, each with the context it reads on each side."""
+        return [
+            (self._embed, self.embed_context),
+            *((block, block.context) for block in self.convnext),
+        ]
+
+    @property
+    def context(self) -> int:
+        """Upsampled frames on each side that one output frame depends on."""
+        return sum(context for _, context in self.stages())
+
+    def _embed(self, window: Tensor) -> Tensor:
+        return _norm_channels(self.norm, self.embed(window))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage, context in self.stages():
+            x = stage(F.pad(x, (context, context)))
+        return _norm_channels(self.final_layer_norm, x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv1d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=INIT_STD)
+        nn.init.zeros_(module.bias)
+
+
+class ISTFT(nn.Module):
+    """Inverse STFT as torch.istft(center=True) computes it, split so that streaming can reuse it.
+
+    The DC and Nyquist bins are zeroed first (compatibility decision (d)).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("window", torch.hann_window(N_FFT))
+
+    def frames(self, spectrum: Tensor) -> Tensor:
+        """Complex [B, 1025, T] spectrum → windowed time frames [B, N_FFT, T]."""
+        inner = spectrum[:, 1:-1]
+        edge = inner.new_zeros(inner.shape[0], 1, inner.shape[2])
+        spectrum = torch.cat((edge, inner, edge), dim=1)
+        return torch.fft.irfft(spectrum, n=N_FFT, dim=1) * self.window[:, None]
+
+    def overlap_add(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """Overlap-add T frames with the hop; also the summed squared window to divide by.
+
+        Returns the signal [B, HOP·(T−1) + N_FFT] and the envelope [1, same length].
+        """
+        count = frames.shape[-1]
+        fold = {
+            "output_size": (1, HOP_LENGTH * (count - 1) + N_FFT),
+            "kernel_size": (1, N_FFT),
+            "stride": (1, HOP_LENGTH),
+        }
+        signal = F.fold(frames, **fold)[:, 0, 0]
+        squared = (self.window**2)[None, :, None].expand(1, N_FFT, count)
+        envelope = F.fold(squared, **fold)[:, 0, 0]
+        return signal, envelope
+
+    def forward(self, spectrum: Tensor) -> Tensor:
+        """[B, 1025, T] → [B, HOP·(T−1)] samples: overlap-add, trim N_FFT/2 each end, normalise."""
+        signal, envelope = self.overlap_add(self.frames(spectrum))
+        trim = N_FFT // 2
+        return _inner(signal, trim) / _inner(envelope, trim)
+
+
+class ISTFTHead(nn.Module):
+    """Linear D → 2050 per frame: log-magnitude and phase of each bin, then the iSTFT."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.out = nn.Linear(dim, 2 * SPECTRUM_BINS)
+        self.istft = ISTFT()
+
+    def spectrum(self, x: Tensor) -> Tensor:
+        """[B, D, T] backbone output → complex spectrum [B, 1025, T]."""
+        log_magnitude, phase = self.out(x.transpose(1, 2)).transpose(1, 2).chunk(2, dim=1)
+        magnitude = torch.exp(log_magnitude).clamp(max=MAX_MAGNITUDE)
+        return torch.polar(magnitude, phase)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.istft(self.spectrum(x))
+
+
+class SopranoDecoder(nn.Module):
+    """Hidden states [B, C, L] → waveform [B, TOKEN_SAMPLES·(L−1)] (spec §2.3).
+
+    Attribute names match the published decoder.pth keys (`decoder.*`, `head.*`).
+    """
+
+    def __init__(
+        self,
+        input_channels: int = 512,
+        dim: int = 768,
+        intermediate_dim: int = 2304,
+        num_blocks: int = 8,
+        embed_kernel: int = 1,
+    ) -> None:
+        super().__init__()
+        self.input_channels = input_channels
+        self.dim = dim
+        self.intermediate_dim = intermediate_dim
+        self.num_blocks = num_blocks
+        self.embed_kernel = embed_kernel
+        self.decoder = VocosBackbone(
+            input_channels, dim, intermediate_dim, num_blocks, embed_kernel
+        )
+        self.head = ISTFTHead(dim)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Tensor]) -> SopranoDecoder:
+        """Build the decoder that `state` (a decoder.pth dict) describes and load it strictly.
+
+        The sizes come from the tensor shapes (compatibility decision (b)), so Soprano-1.1-80M
+        (768, embed kernel 1) and Soprano-80M (512, embed kernel 3) both load.
+        """
+        embed = _shaped(state, "decoder.embed.weight", 3)
+        pwconv1 = _shaped(state, "decoder.convnext.0.pwconv1.weight", 2)
+        dim, input_channels, embed_kernel = embed.shape
+        if embed_kernel % 2 == 0:
+            raise ModelLoadError(
+                f"decoder.embed.weight has an even kernel ({embed_kernel}); "
+                "the decoder needs an odd one"
+            )
+        num_blocks = 1 + max(int(m[1]) for key in state if (m := _BLOCK_KEY.match(key)))
+        with torch.device("meta"):
+            model = cls(input_channels, dim, pwconv1.shape[0], num_blocks, embed_kernel)
+        _check_state(state, model.state_dict(), model)
+        model.load_state_dict(
+            {key: value.detach().to(torch.float32) for key, value in state.items()},
+            strict=True,
+            assign=True,
+        )
+        return model.eval()
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_channels={self.input_channels}, dim={self.dim}, "
+            f"intermediate_dim={self.intermediate_dim}, num_blocks={self.num_blocks}, "
+            f"embed_kernel={self.embed_kernel}"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.out.weight.device
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        hidden = hidden.to(self.device, torch.float32)
+        if hidden.shape[-1] < 2:
+            return hidden.new_zeros(hidden.shape[0], 0)
+        return self.head(self.decoder(upsample(hidden)))
+
+    @torch.inference_mode()
+    def decode(self, sequences: Sequence[Tensor], batch_size: int = 1) -> list[Tensor]:
+        """Decode sentences of [L_i, C] hidden states into 1-D waveforms (spec §3.7).
+
+        Longest first, `batch_size` at a time, each left-padded with zero vectors to the longest
+        of its group; the last (L_i−1)·TOKEN_SAMPLES samples are its audio. With padding a
+        sentence's first samples can differ slightly from decoding it alone, as upstream.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        for index, sequence in enumerate(sequences):
+            if sequence.ndim != 2 or sequence.shape[1] != self.input_channels:
+                raise ValueError(
+                    f"sequence {index} has shape {tuple(sequence.shape)}; "
+                    f"expected [frames, {self.input_channels}]"
+                )
+        order = sorted(range(len(sequences)), key=lambda i: -sequences[i].shape[0])
+        audio: dict[int, Tensor] = {}
+        for start in range(0, len(order), batch_size):
+            group = order[start : start + batch_size]
+            longest = sequences[group[0]].shape[0]
+            batch = torch.zeros(len(group), self.input_channels, longest, device=self.device)
+            for row, index in enumerate(group):
+                frames = sequences[index]
+                batch[row, :, longest - frames.shape[0] :] = frames.T
+            waveform = self(batch)
+            for row, index in enumerate(group):
+                keep = TOKEN_SAMPLES * max(sequences[index].shape[0] - 1, 0)
+                audio[index] = waveform[row, waveform.shape[1] - keep :]
+        return [audio[index] for index in range(len(sequences))]
+
+
+def _shaped(state: Mapping[str, Tensor], key: str, ndim: int) -> Tensor:
+    value = state.get(key)
+    if not isinstance(value, Tensor):
+        raise ModelLoadError(f"decoder state dict lacks the tensor {key}")
+    if value.ndim != ndim:
+        raise ModelLoadError(f"{key} has shape {tuple(value.shape)}; expected {ndim} dimensions")
+    return value
+
+
+def _check_state(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], model: nn.Module
+) -> None:
+    """Raise one ModelLoadError that lists every missing, unexpected and misshapen key."""
+    problems = [f"missing key {key}" for key in expected if key not in state]
+    problems += [f"unexpected key {key}" for key in state if key not in expected]
+    for key, value in state.items():
+        if key not in expected:
+            continue
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            problems.append(f"{key} is not a floating-point tensor")
+        elif value.shape != expected[key].shape:
+            problems.append(
+                f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
+    if problems:
+        raise ModelLoadError(
+            f"decoder state dict does not fit a Soprano decoder ({model.extra_repr()}): "
+            + "; ".join(problems)
+        )
+
+
+class StreamingDecoder:
+    """Decode one sentence frame by frame; the emitted pieces concatenate to the offline decode.
+
+    Audio follows spec §3.9: the first `chunk_size`·TOKEN_SAMPLES samples come out once
+    RECEPTIVE_FIELD + chunk_size frames are in, then one chunk every `chunk_size` frames, and
+    `finish` returns the rest. Unlike upstream, which re-decodes a window of 2·RF + chunk_size
+    frames per chunk, each frame goes through the network once: every stage keeps the few input
+    frames its convolution still needs as context, and the overlap-add keeps its unfinished tail.
+    `finish` resets the state, so the object can decode the next sentence.
+    """
+
+    def __init__(self, decoder: SopranoDecoder, chunk_size: int = 1) -> None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if _lookahead_tokens(decoder) > RECEPTIVE_FIELD:
+            raise ValueError(
+                f"a decoder with {decoder.num_blocks} blocks and embed kernel "
+                f"{decoder.embed_kernel} sees further than RECEPTIVE_FIELD={RECEPTIVE_FIELD} "
+                "tokens and cannot stream losslessly"
+            )
+        self.decoder = decoder
+        self.chunk_size = chunk_size
+        self._reset()
+
+    def _reset(self) -> None:
+        decoder = self.decoder
+        device = decoder.device
+        self._frames_in = 0
+        self._next_chunk_at = RECEPTIVE_FIELD + self.chunk_size
+        self._pending: list[Tensor] = []
+        self._previous_frame: Tensor | None = None
+        # Left context of every stage starts as the zero padding of the offline decode.
+        channels = [decoder.input_channels] + [decoder.dim] * decoder.num_blocks
+        self._stage_tails = [
+            torch.zeros(1, width, context, device=device)
+            for width, (_, context) in zip(channels, decoder.decoder.stages(), strict=True)
+        ]
+        # Overlap-add sums of the positions that later frames still reach.
+        self._signal_tail = torch.zeros(1, N_FFT - HOP_LENGTH, device=device)
+        self._envelope_tail = torch.zeros(1, N_FFT - HOP_LENGTH, device=device)
+        self._still_to_trim = N_FFT // 2
+        self._ready = torch.zeros(0, device=device)
+
+    @torch.inference_mode()
+    def push(self, frame: Tensor) -> Tensor | None:
+        """Add one [C] hidden state; return the next chunk of samples once it is complete."""
+        if frame.shape != (self.decoder.input_channels,):
+            raise ValueError(
+                f"frame has shape {tuple(frame.shape)}; expected [{self.decoder.input_channels}]"
+            )
+        self._pending.append(frame.to(self.decoder.device, torch.float32))
+        self._frames_in += 1
+        if self._frames_in < self._next_chunk_at:
+            return None
+        self._next_chunk_at += self.chunk_size
+        self._ready = torch.cat((self._ready, self._decode_pending(flush=False)))
+        chunk_samples = self.chunk_size * TOKEN_SAMPLES
+        chunk, self._ready = self._ready[:chunk_samples], self._ready[chunk_samples:]
+        return chunk
+
+    @torch.inference_mode()
+    def finish(self) -> Tensor:
+        """Return every sample not yet emitted and start over for a new sentence."""
+        rest = self._ready
+        if self._frames_in:
+            rest = torch.cat((rest, self._decode_pending(flush=True)))
+        self._reset()
+        return rest
+
+    def _decode_pending(self, flush: bool) -> Tensor:
+        """Run the frames pushed since the last call through the network; return final samples.
+
+        With `flush` the sentence ends here: the right edge gets the zero padding and the
+        iSTFT trim of the offline decode.
+        """
+        decoder = self.decoder
+        x = self._upsample_pending()
+        for index, (stage, context) in enumerate(decoder.decoder.stages()):
+            x = self._through_stage(index, stage, context, x, flush)
+        x = _norm_channels(decoder.decoder.final_layer_norm, x)
+        istft = decoder.head.istft
+        signal, envelope = istft.overlap_add(istft.frames(decoder.head.spectrum(x)))
+        overlap = N_FFT - HOP_LENGTH
+        signal[:, :overlap] += self._signal_tail
+        envelope[:, :overlap] += self._envelope_tail
+        if flush:
+            final = signal.shape[-1] - N_FFT // 2
+        else:
+            final = signal.shape[-1] - overlap
+            self._signal_tail, self._envelope_tail = signal[:, final:], envelope[:, final:]
+        start = min(self._still_to_trim, final)
+        self._still_to_trim -= start
+        return signal[0, start:final] / envelope[0, start:final]
+
+    def _upsample_pending(self) -> Tensor:
+        """Upsampled frames that the pending tokens add (4 per token after the first)."""
+        tokens = self._pending
+        self._pending = []
+        if not tokens:
+            return torch.zeros(1, self.decoder.input_channels, 0, device=self.decoder.device)
+        continuing = self._previous_frame is not None
+        if continuing:
+            tokens = [self._previous_frame, *tokens]
+        self._previous_frame = tokens[-1]
+        frames = upsample(torch.stack(tokens, dim=1)[None])
+        # The previous token's own frame went out with the previous call.
+        return frames[..., 1:] if continuing else frames
+
+    def _through_stage(
+        self, index: int, stage: Stage, context: int, x: Tensor, flush: bool
+    ) -> Tensor:
+        """Feed new frames to one stage; keep its last 2·context inputs for the next call."""
+        parts = [self._stage_tails[index], x]
+        if flush:
+            parts.append(x.new_zeros(1, x.shape[1], context))
+        window = torch.cat(parts, dim=-1)
+        self._stage_tails[index] = window[..., window.shape[-1] - 2 * context :]
+        if window.shape[-1] <= 2 * context:  # a 1×1 embed fed nothing: finish right after a chunk
+            return x.new_zeros(1, self.decoder.dim, 0)
+        return stage(window)
+
+
+def _lookahead_tokens(decoder: SopranoDecoder) -> int:
+    """Tokens that must follow a token's segment before all its samples are final.
+
+    After n tokens there are 4·(n−1)+1 upsampled frames; the backbone has finished all but its
+    last `context` of them, and the overlap-add HOP samples per finished frame, less the N_FFT/2
+    trimmed at the start. That covers all segments but those of the last tokens counted here
+    (4 for both published variants, which is RECEPTIVE_FIELD).
+    """
+    late_samples = HOP_LENGTH * (UPSAMPLE_FACTOR - 1 + decoder.decoder.context) + N_FFT // 2
+    return math.ceil(late_samples / TOKEN_SAMPLES)
