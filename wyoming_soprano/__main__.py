@@ -1,0 +1,244 @@
+"""`python -m wyoming_soprano`: load the model once, then serve Wyoming clients until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+
+from wyoming.event import async_get_stdin, async_get_stdout
+from wyoming.server import AsyncServer, AsyncStdioServer, AsyncTcpServer, HandlerFactory
+
+from soprano import SopranoTTS
+from soprano.constants import (
+    DEFAULT_MODEL,
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_NEW_TOKENS,
+    TOKEN_SAMPLES,
+)
+from soprano.errors import SopranoError
+from soprano.lm import SamplingParams
+from wyoming_soprano import __version__
+from wyoming_soprano.handler import ServerContext, SopranoEventHandler
+from wyoming_soprano.info import PROGRAM_NAME, build_info, voice_name
+from wyoming_soprano.synthesis import Synthesizer
+from wyoming_soprano.zeroconf import AnnouncementError, ZeroconfAnnouncer, advertised_address
+
+_LOGGER = logging.getLogger("wyoming_soprano")
+
+DEFAULT_URI = "stdio://"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wyoming-soprano", description="Wyoming text-to-speech server for Soprano."
+    )
+    parser.add_argument(
+        "--uri", default=DEFAULT_URI, help="tcp://HOST:PORT, unix:///PATH or stdio:// (default)"
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Hugging Face repo id or checkpoint folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        action="append",
+        default=[],
+        help="Folder searched for a checkpoint folder named after the model (repeatable)",
+    )
+    parser.add_argument(
+        "--download-dir",
+        help="Where a repo id is downloaded to and cached (default: first --data-dir, "
+        "else the Hugging Face cache)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument(
+        "--backend", default="auto", help="auto, native, transformers or lmdeploy (CUDA)"
+    )
+    sampling = parser.add_argument_group("sampling defaults for every request")
+    sampling.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help="0 is greedy decoding (default: %(default)s)",
+    )
+    sampling.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    sampling.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY)
+    sampling.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS,
+        help="Token budget per sentence (default: %(default)s)",
+    )
+    sampling.add_argument("--seed", type=int, help="Makes sampling repeatable")
+    parser.add_argument(
+        "--samples-per-chunk",
+        type=int,
+        default=TOKEN_SAMPLES,
+        help="Samples per audio-chunk event; the last chunk of a cycle may be shorter "
+        "(default: %(default)s, one token of audio)",
+    )
+    parser.add_argument(
+        "--no-streaming",
+        action="store_true",
+        help="Do not advertise streaming text input (streaming events are still handled)",
+    )
+    parser.add_argument(
+        "--zeroconf",
+        nargs="?",
+        const=PROGRAM_NAME,
+        metavar="NAME",
+        help=f"Announce the server over zeroconf/mDNS as NAME (default: {PROGRAM_NAME}); "
+        "needs a tcp:// URI",
+    )
+    parser.add_argument(
+        "--zeroconf-host",
+        help="Address to announce (default: the bound address, or the detected LAN address "
+        "when bound to all interfaces)",
+    )
+    parser.add_argument("--debug", action="store_true", help="Log DEBUG messages")
+    parser.add_argument(
+        "--log-format", default=logging.BASIC_FORMAT, help="Format of log messages (stderr)"
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format=args.log_format,
+        stream=sys.stderr,
+    )
+    try:
+        server = AsyncServer.from_uri(args.uri)
+    except ValueError as error:
+        parser.error(f"--uri {args.uri}: {error}")
+    if args.zeroconf and not isinstance(server, AsyncTcpServer):
+        parser.error("--zeroconf needs a tcp:// --uri")
+    if args.samples_per_chunk < 1:
+        parser.error("--samples-per-chunk must be at least 1")
+
+    try:
+        sampling = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+    try:
+        tts = load_engine(args)
+    except (SopranoError, ValueError) as error:  # one line for a missing model, no traceback
+        _LOGGER.error("Cannot load the model: %s", error)
+        return 1
+    try:
+        return asyncio.run(serve(args, server, tts, sampling))
+    except (AnnouncementError, OSError) as error:
+        _LOGGER.error("Cannot serve: %s", error)
+        return 1
+
+
+def load_engine(args: argparse.Namespace) -> SopranoTTS:
+    """Load the model once per process; every connection shares it."""
+    model = find_model(args.model, args.data_dir)
+    download_dir = args.download_dir or (args.data_dir[0] if args.data_dir else None)
+    _LOGGER.info("Loading model %s", model)
+    tts = SopranoTTS(
+        backend=args.backend, device=args.device, model_path=model, cache_dir=download_dir
+    )
+    _LOGGER.info("Model %s on device %s with the %s backend", model, tts.device, tts.backend)
+    return tts
+
+
+def find_model(model: str, data_dirs: list[str]) -> str:
+    """A checkpoint folder named after the model in a data dir wins over the hub or its cache."""
+    if Path(model).expanduser().is_dir():
+        return model
+    for data_dir in data_dirs:
+        folder = Path(data_dir) / voice_name(model)
+        if folder.is_dir():
+            return str(folder)
+    return model
+
+
+async def serve(
+    args: argparse.Namespace, server: AsyncServer, tts: SopranoTTS, sampling: SamplingParams
+) -> int:
+    """Serve until SIGTERM/SIGINT (or, on stdio, until stdin closes)."""
+    synthesizer = Synthesizer(
+        tts, sampling, chunk_size=max(1, args.samples_per_chunk // TOKEN_SAMPLES)
+    )
+    context = ServerContext(
+        info_event=build_info(args.model, streaming=not args.no_streaming).event(),
+        synthesizer=synthesizer,
+        samples_per_chunk=args.samples_per_chunk,
+        voice_name=voice_name(args.model),
+    )
+    handler_factory = partial(SopranoEventHandler, context=context)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    try:
+        if isinstance(server, AsyncStdioServer):
+            await serve_stdio(handler_factory, stop)
+        else:
+            await serve_sockets(args, server, handler_factory, stop)
+    finally:
+        await asyncio.to_thread(synthesizer.close)
+    _LOGGER.info("Stopped")
+    return 0
+
+
+async def serve_sockets(
+    args: argparse.Namespace, server: AsyncServer, factory: HandlerFactory, stop: asyncio.Event
+) -> None:
+    await server.start(factory)
+    announcer = None
+    if args.zeroconf:
+        assert isinstance(server, AsyncTcpServer)
+        address = advertised_address(server.host, args.zeroconf_host)
+        announcer = ZeroconfAnnouncer(args.zeroconf, address, server.port)
+        await announcer.register()
+    _LOGGER.info("Ready on %s", args.uri)
+    try:
+        await stop.wait()
+    finally:
+        if announcer is not None:
+            await announcer.unregister()
+        await server.stop()
+
+
+async def serve_stdio(factory: HandlerFactory, stop: asyncio.Event) -> None:
+    """One connection over stdin/stdout; wyoming's stdio server would bypass the handler's run."""
+    handler = factory(await async_get_stdin(), await async_get_stdout())
+    _LOGGER.info("Ready on stdio://")
+    connection = asyncio.create_task(handler.run())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({connection, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not connection.done():
+        await handler.stop()
+        await connection
+    stopped.cancel()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

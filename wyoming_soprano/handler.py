@@ -1,0 +1,241 @@
+"""One Wyoming connection: events in, audio out, never blocking the event loop.
+
+Reading and answering are two tasks. The reader takes events as they come (so `describe`, text
+fragments and a disconnect are seen while audio is still being produced); the speaker writes the
+replies in request order. An engine failure or a malformed event is answered with `error` and
+the connection is closed; a client that goes away has its synthesis stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.info import Describe
+from wyoming.server import AsyncEventHandler
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeStopped,
+    SynthesizeTextFormat,
+)
+
+from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH
+from wyoming_soprano.framing import ProtocolError, read_event
+from wyoming_soprano.sentences import SentenceStream
+from wyoming_soprano.synthesis import AudioJob, SynthesisError, Synthesizer
+
+_LOGGER = logging.getLogger(__name__)
+
+CHANNELS = 1
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """What every connection shares."""
+
+    info_event: Event
+    synthesizer: Synthesizer
+    samples_per_chunk: int
+    voice_name: str
+
+
+class RequestError(Exception):
+    """A request the server refuses: answered with `error`, then the connection closes."""
+
+    def __init__(self, text: str, code: str) -> None:
+        super().__init__(text)
+        self.text = text
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Speech:
+    """A reply made of one engine call's audio."""
+
+    job: AudioJob
+    announce_empty: bool
+    """Send audio-start/audio-stop even without audio: a `synthesize` always gets one cycle."""
+
+
+Reply = Speech | Event
+
+
+class SopranoEventHandler(AsyncEventHandler):
+    """Serves one connection (one TCP client, or the whole of stdio)."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ServerContext
+    ) -> None:
+        super().__init__(reader, writer)
+        self.context = context
+        self._stream: SentenceStream | None = None
+        self._replies: asyncio.Queue[Reply | None] = asyncio.Queue()
+        self._unfinished: set[AudioJob] = set()
+
+    async def run(self) -> None:
+        """Read events until EOF; then finish the replies already asked for (unless gone)."""
+        self._is_running = True
+        speaker = asyncio.create_task(self._speak(), name="wyoming reply writer")
+        try:
+            refusal = await self._read_events()
+            if refusal is None:
+                self._replies.put_nowait(None)
+                await speaker
+            else:
+                speaker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await speaker
+                await self._close(refusal)
+        finally:
+            speaker.cancel()
+            self._cancel_jobs()
+            await self.disconnect()
+            self.writer.close()
+
+    async def _read_events(self) -> Error | None:
+        """Handle events until EOF (None) or until a request must be refused (its `error`)."""
+        while self._is_running:
+            try:
+                event = await read_event(self.reader)
+                if event is None:
+                    return None
+                _LOGGER.debug("Received %s", event.type)
+                await self.handle_event(event)
+            except ProtocolError as error:
+                _LOGGER.warning("Closing a connection that sent a malformed event: %s", error)
+                return Error(text=str(error), code="ProtocolError")
+            except RequestError as error:
+                _LOGGER.warning("Refused a request: %s", error.text)
+                return Error(text=error.text, code=error.code)
+            except ConnectionError:
+                return None
+        return None
+
+    async def handle_event(self, event: Event) -> bool:
+        if Describe.is_type(event.type):
+            await self.write_event(self.context.info_event)
+        elif Synthesize.is_type(event.type):
+            if self._stream is not None:
+                _LOGGER.debug("Ignoring the whole-text synthesize sent inside a stream")
+            else:
+                self._check_options(event.data)
+                self._speak_text(_text(event.data), announce_empty=True)
+        elif SynthesizeStart.is_type(event.type):
+            if self._stream is not None:
+                _LOGGER.debug("synthesize-start inside a stream ends the open stream first")
+                self._end_stream()
+            self._check_options(event.data)
+            self._stream = SentenceStream()
+        elif SynthesizeChunk.is_type(event.type):
+            if self._stream is None:
+                _LOGGER.debug("Ignoring synthesize-chunk outside a stream")
+            else:
+                ready = await asyncio.to_thread(self._stream.add, _text(event.data))
+                if ready:
+                    self._speak_text(ready, announce_empty=False)
+        elif SynthesizeStop.is_type(event.type):
+            self._end_stream()
+        else:
+            _LOGGER.debug("Ignoring event %s", event.type)
+        return True
+
+    def _check_options(self, data: dict[str, Any]) -> None:
+        text_format = data.get("text_format")
+        if text_format not in (None, SynthesizeTextFormat.TEXT.value):
+            raise RequestError(
+                f"text_format {text_format!r} is not supported; send plain text",
+                "UnsupportedTextFormat",
+            )
+        voice = data.get("voice")
+        if voice is not None and not isinstance(voice, dict):
+            raise RequestError("'voice' must be an object", "InvalidRequest")
+        name = (voice or {}).get("name")
+        if name is not None and name != self.context.voice_name:
+            _LOGGER.debug("Unknown voice %r; using %s", name, self.context.voice_name)
+
+    def _speak_text(self, text: str, announce_empty: bool) -> None:
+        job = self.context.synthesizer.submit(text)
+        self._unfinished.add(job)
+        self._replies.put_nowait(Speech(job, announce_empty))
+
+    def _end_stream(self) -> None:
+        """Speak what is left of the open stream (if any), then `synthesize-stopped`."""
+        if self._stream is not None:
+            rest = self._stream.finish()
+            self._stream = None
+            if rest:
+                self._speak_text(rest, announce_empty=False)
+        self._replies.put_nowait(SynthesizeStopped().event())
+
+    async def _speak(self) -> None:
+        """Write the replies in order; stop everything on an engine failure or a lost client."""
+        try:
+            while (reply := await self._replies.get()) is not None:
+                if isinstance(reply, Speech):
+                    await self._play(reply)
+                else:
+                    await self.write_event(reply)
+        except SynthesisError as error:
+            await self._close(Error(text=str(error), code=error.code))
+        except ConnectionError:
+            if self._unfinished:
+                _LOGGER.info("Client went away; stopped %d synthesis job(s)", len(self._unfinished))
+            await self._close(None)
+
+    async def _play(self, speech: Speech) -> None:
+        """One audio cycle, each chunk `samples_per_chunk` long except the last."""
+        chunk_bytes = self.context.samples_per_chunk * SAMPLE_WIDTH
+        started = False
+        if speech.announce_empty:
+            await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
+            started = True
+        pending = bytearray()
+        async for pcm in speech.job.pcm_chunks():
+            if not started:
+                await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
+                started = True
+            pending += pcm
+            while len(pending) >= chunk_bytes:
+                await self._write_chunk(bytes(pending[:chunk_bytes]))
+                del pending[:chunk_bytes]
+        if pending:
+            await self._write_chunk(bytes(pending))
+        self._unfinished.discard(speech.job)
+        if started:
+            await self.write_event(AudioStop().event())
+
+    async def _write_chunk(self, pcm: bytes) -> None:
+        await self.write_event(AudioChunk(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS, pcm).event())
+
+    async def _close(self, error: Error | None) -> None:
+        """Stop this connection's synthesis, send `error` if any, and hang up."""
+        self._cancel_jobs()
+        if error is not None:
+            try:
+                await self.write_event(error.event())
+            except ConnectionError:
+                _LOGGER.debug("Client gone before the error could be sent")
+        self._is_running = False
+        self.writer.close()
+        self.reader.feed_eof()
+
+    def _cancel_jobs(self) -> None:
+        for job in self._unfinished:
+            job.cancel()
+        self._unfinished.clear()
+
+
+def _text(data: dict[str, Any]) -> str:
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise RequestError("the event needs a string 'text'", "InvalidRequest")
+    return text

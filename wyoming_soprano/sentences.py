@@ -1,0 +1,61 @@
+"""Cutting streamed text into pieces that the engine splits exactly as it splits the whole text.
+
+Clients stream text in arbitrary fragments (Home Assistant cuts inside words). A piece of the
+text may be synthesized before the rest arrives only if the engine's front end
+(`soprano.text.prepare_text`) gives the same sentences for the piece and the rest as for the
+whole: the stream then sounds exactly like the one-shot `synthesize` of the same text. The engine
+merges sentences shorter than MIN_SENTENCE_LENGTH into a neighbour, so a cut is only taken once
+the text after it starts with a sentence long enough never to be merged back across the cut.
+"""
+
+from __future__ import annotations
+
+import re
+
+from soprano.text import MIN_SENTENCE_LENGTH, clean_text, prepare_text, split_sentences
+
+_CUT_CANDIDATE = re.compile(r"[.!?;:)\]}\"'”’…]\s+|\n\s*")
+"""Where a sentence may end in raw text: after closing punctuation and whitespace, or a line."""
+
+CUTS_TRIED = 16
+"""Candidate cuts tried per fragment, from the end: bounds the work on pathological text."""
+
+
+class SentenceStream:
+    """Collects text fragments and releases the longest prefix whose sentences are final."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def add(self, fragment: str) -> str:
+        """Append a fragment; return the raw text that can be synthesized now ("" if none)."""
+        self._pending += fragment
+        cut = self._final_cut()
+        ready, self._pending = self._pending[:cut], self._pending[cut:]
+        return ready
+
+    def finish(self) -> str:
+        """Everything not yet released; the stream is empty afterwards."""
+        rest, self._pending = self._pending, ""
+        return rest
+
+    def _final_cut(self) -> int:
+        """The last cut after which no later text can change the sentences before it, or 0."""
+        text = self._pending
+        cuts = [match.end() for match in _CUT_CANDIDATE.finditer(text)]
+        whole: list[str] | None = None
+        for cut in reversed(cuts[-CUTS_TRIED:]):
+            head, tail = text[:cut], text[cut:]
+            if not _starts_with_long_sentence(tail):
+                continue
+            whole = prepare_text(text) if whole is None else whole
+            head_sentences = prepare_text(head)
+            if head_sentences and head_sentences + prepare_text(tail) == whole:
+                return cut
+        return 0
+
+
+def _starts_with_long_sentence(text: str) -> bool:
+    """True if the first sentence of `text` is already too long to be merged with another."""
+    sentences = split_sentences(clean_text(text))
+    return bool(sentences) and len(sentences[0]) >= MIN_SENTENCE_LENGTH
