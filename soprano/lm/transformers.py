@@ -6,6 +6,7 @@ choice (TokenSampler) and the hidden-state alignment identical in every path.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -32,6 +33,9 @@ class TransformersLM(LanguageModel):
         self.device = device
         self.hidden_size = checkpoint.config.hidden_size
         self.vocab_size = checkpoint.config.vocab_size
+        # transformers 5 renamed the KV-cache argument; older releases only know the old name.
+        forward_parameters = inspect.signature(self.model.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
 
     @torch.inference_mode()
     def stream(
@@ -58,8 +62,8 @@ class TransformersLM(LanguageModel):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_argument: cache},
             )
             hidden = output.last_hidden_state[:, -1]
             tokens = sampler(self.model.lm_head(hidden), rows)

@@ -81,7 +81,7 @@ DECODER_SIZES = {
     ("tiny", "80m"): DecoderSize(dim=32, intermediate_dim=96, num_blocks=2, embed_kernel=3),
 }
 
-DEFAULT_STOP_SCALE = {"tiny": 3.0, "full": 0.0}
+DEFAULT_STOP_SCALE = {"tiny": 2.5, "full": 0.0}
 """How much louder the [STOP] row of lm_head is than the others. A random model almost never
 picks one token out of 8192; a scaled [STOP] row makes tiny-model sentences end after a few dozen
 tokens of varied length, and a zero row (full) makes benchmark lengths exactly max_new_tokens."""
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "--stop-scale",
         type=float,
         default=None,
-        help="scale of the [STOP] row of lm_head (default: tiny 3, full 0)",
+        help="scale of the [STOP] row of lm_head (default: tiny 2.5, full 0)",
     )
     args = parser.parse_args(argv)
     path = make_checkpoint(args.out, args.size, args.decoder, args.seed, args.stop_scale)

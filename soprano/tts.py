@@ -1,0 +1,229 @@
+"""SopranoTTS: the engine that every frontend shares.
+
+text → `soprano.text.prepare_text` (normalised sentences) → prompts → LM backend (audio tokens and
+their hidden states) → decoder → 32 kHz float audio. All sentences of a call are generated in one
+batch; streaming runs the same step loop and decodes each sentence incrementally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from soprano.audio import write_wav
+from soprano.checkpoint import resolve_checkpoint
+from soprano.constants import (
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_NEW_TOKENS,
+    SAMPLE_RATE,
+)
+from soprano.decoder import SopranoDecoder, StreamingDecoder
+from soprano.device import select_device
+from soprano.errors import ModelLoadError
+from soprano.hallucination import looks_hallucinated
+from soprano.lm import Generation, SamplingParams, load_language_model
+from soprano.text import prepare_text
+from soprano.tokenizer import PromptTokenizer
+
+_LOGGER = logging.getLogger(__name__)
+
+WARMUP_TEXT = "Hello world!"
+WARMUP_TOKENS = 8
+"""Enough steps to warm every kernel of the step loop and the decoder."""
+
+
+class SopranoTTS:
+    """Load a Soprano checkpoint once and synthesize speech from text.
+
+    Not thread-safe: callers that serve several clients serialise their calls.
+    """
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        device: str = "auto",
+        cache_size_mb: int = 100,
+        decoder_batch_size: int = 1,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        warmup: bool = True,
+    ) -> None:
+        _require_int("decoder_batch_size", decoder_batch_size, minimum=1)
+        _require_int("cache_size_mb", cache_size_mb, minimum=1)
+        self.device = select_device(device)
+        self.decoder_batch_size = decoder_batch_size
+        self.checkpoint = resolve_checkpoint(model_path, cache_dir)
+        self.tokenizer = PromptTokenizer(self.checkpoint.tokenizer_path)
+        self.decoder = SopranoDecoder.from_state_dict(self.checkpoint.load_decoder_state())
+        self.decoder.to(self.device).eval()
+        if self.decoder.input_channels != self.checkpoint.config.hidden_size:
+            raise ModelLoadError(
+                f"{self.checkpoint.path}: decoder.pth expects {self.decoder.input_channels} "
+                f"input channels but the LM's hidden_size is {self.checkpoint.config.hidden_size}"
+            )
+        self.lm = load_language_model(backend, self.checkpoint, self.device, cache_size_mb)
+        _LOGGER.info(
+            "Loaded %s on %s with the %s backend", self.checkpoint.path, self.device, self.lm.name
+        )
+        if warmup:
+            self.infer(WARMUP_TEXT, max_new_tokens=WARMUP_TOKENS)
+
+    @property
+    def backend(self) -> str:
+        return self.lm.name
+
+    def infer(
+        self,
+        text: str,
+        out_path: str | os.PathLike[str] | None = None,
+        top_p: float = DEFAULT_TOP_P,
+        temperature: float = DEFAULT_TEMPERATURE,
+        repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+        retries: int = 0,
+        seed: int | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+    ) -> torch.Tensor:
+        """Speech for `text` as a 1-D float32 CPU tensor at 32 kHz (empty for text with no words).
+
+        `out_path` also writes it as a 16-bit WAV file.
+        """
+        (audio,) = self.infer_batch(
+            [text],
+            top_p=top_p,
+            temperature=temperature,
+            repetition_penalty=repetition_penalty,
+            retries=retries,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+        )
+        if out_path is not None:
+            write_wav(out_path, audio)
+        return audio
+
+    def infer_batch(
+        self,
+        texts: Sequence[str],
+        out_dir: str | os.PathLike[str] | None = None,
+        top_p: float = DEFAULT_TOP_P,
+        temperature: float = DEFAULT_TEMPERATURE,
+        repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+        retries: int = 0,
+        seed: int | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+    ) -> list[torch.Tensor]:
+        """One tensor per text; every sentence of every text is generated in one batch.
+
+        `out_dir` also writes `{out_dir}/{i}.wav` for text i.
+        """
+        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+            raise ValueError("texts must be a list of strings")
+        _require_int("retries", retries, minimum=0)
+        params = SamplingParams(temperature, top_p, repetition_penalty, max_new_tokens, seed)
+        sentences = [prepare_text(text) for text in texts]
+        generations = self._generate([s for text in sentences for s in text], params, retries)
+        pieces = iter(self.decoder.decode([g.hidden for g in generations], self.decoder_batch_size))
+        audios = [_concatenate([next(pieces).cpu() for _ in text]) for text in sentences]
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            for index, audio in enumerate(audios):
+                write_wav(Path(out_dir) / f"{index}.wav", audio)
+        return audios
+
+    def infer_stream(
+        self,
+        text: str,
+        chunk_size: int = 1,
+        top_p: float = DEFAULT_TOP_P,
+        temperature: float = DEFAULT_TEMPERATURE,
+        repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+        seed: int | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+    ) -> Iterator[torch.Tensor]:
+        """Yield audio as it is generated; the chunks concatenate to `infer(text)` exactly.
+
+        The first chunk follows RECEPTIVE_FIELD + chunk_size tokens of the first sentence; each
+        later chunk adds chunk_size tokens (TOKEN_SAMPLES samples each). Later sentences are
+        generated in the same batch and their audio follows in order.
+        """
+        if not isinstance(text, str):
+            raise ValueError("text must be a string")
+        _require_int("chunk_size", chunk_size, minimum=1)
+        params = SamplingParams(temperature, top_p, repetition_penalty, max_new_tokens, seed)
+        return self._stream(prepare_text(text), chunk_size, params)
+
+    def _stream(
+        self, sentences: list[str], chunk_size: int, params: SamplingParams
+    ) -> Iterator[torch.Tensor]:
+        prompts = [self.tokenizer.encode(sentence) for sentence in sentences]
+        decoders = [StreamingDecoder(self.decoder, chunk_size) for _ in sentences]
+        ready: list[list[torch.Tensor]] = [[] for _ in sentences]
+        done = [False] * len(sentences)
+        current = 0
+        for steps in self.lm.stream(prompts, params):
+            for step in steps:
+                decoder = decoders[step.index]
+                if step.is_audio:
+                    chunk = decoder.push(step.hidden)
+                    if chunk is not None:
+                        ready[step.index].append(chunk)
+                if step.last:
+                    ready[step.index].append(decoder.finish())
+                    done[step.index] = True
+                    if step.is_audio:
+                        _warn_length(sentences[step.index], params.max_new_tokens)
+            while current < len(sentences):
+                for chunk in ready[current]:
+                    if len(chunk):
+                        yield chunk.cpu()
+                ready[current].clear()
+                if not done[current]:
+                    break
+                current += 1
+
+    def _generate(
+        self, sentences: list[str], params: SamplingParams, retries: int
+    ) -> list[Generation]:
+        """Generate all sentences; regenerate those that look hallucinated up to `retries` times."""
+        prompts = [self.tokenizer.encode(sentence) for sentence in sentences]
+        generations = self.lm.generate(prompts, params)
+        for attempt in range(1, retries + 1):
+            flagged = [i for i, g in enumerate(generations) if looks_hallucinated(g.hidden)]
+            if not flagged:
+                break
+            _LOGGER.info("Regenerating %d hallucinated sentence(s), try %d", len(flagged), attempt)
+            if params.seed is not None:
+                params = replace(params, seed=params.seed + 1)
+            regenerated = self.lm.generate([prompts[i] for i in flagged], params)
+            for index, generation in zip(flagged, regenerated, strict=True):
+                generations[index] = generation
+        for sentence, generation in zip(sentences, generations, strict=True):
+            if generation.finish_reason == "length":
+                _warn_length(sentence, params.max_new_tokens)
+        return generations
+
+
+def _concatenate(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(pieces) if pieces else torch.zeros(0)
+
+
+def _warn_length(sentence: str, max_new_tokens: int) -> None:
+    _LOGGER.warning(
+        "A sentence did not finish within %d tokens and was cut (likely a hallucination): %r",
+        max_new_tokens,
+        sentence,
+    )
+
+
+def _require_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
