@@ -28,7 +28,7 @@ from soprano.decoder import SopranoDecoder, StreamingDecoder
 from soprano.device import select_device
 from soprano.errors import ModelLoadError
 from soprano.hallucination import looks_hallucinated
-from soprano.lm import Generation, SamplingParams, load_language_model
+from soprano.lm import Generation, SamplingParams, load_language_model, select_backend
 from soprano.text import prepare_text
 from soprano.tokenizer import PromptTokenizer
 
@@ -61,6 +61,7 @@ class SopranoTTS:
         _require_int("decoder_batch_size", decoder_batch_size, minimum=1)
         _require_int("cache_size_mb", cache_size_mb, minimum=1)
         self.device = select_device(device)
+        backend = select_backend(backend, self.device)
         self.decoder_batch_size = decoder_batch_size
         self.checkpoint = resolve_checkpoint(model_path, cache_dir)
         self.tokenizer = PromptTokenizer(self.checkpoint.tokenizer_path)
