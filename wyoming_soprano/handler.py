@@ -29,6 +29,7 @@ from wyoming.tts import (
 )
 
 from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH
+from soprano.text import prepare_text
 from wyoming_soprano.framing import ProtocolError, read_event
 from wyoming_soprano.sentences import SentenceStream
 from wyoming_soprano.synthesis import AudioJob, SynthesisError, Synthesizer
@@ -59,9 +60,9 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class Speech:
-    """A reply made of one engine call's audio."""
+    """A reply of one audio cycle: the audio of some sentences, in order."""
 
-    job: AudioJob
+    jobs: list[AudioJob]
     announce_empty: bool
     """Send audio-start/audio-stop even without audio: a `synthesize` always gets one cycle."""
 
@@ -77,14 +78,16 @@ class SopranoEventHandler(AsyncEventHandler):
     ) -> None:
         super().__init__(reader, writer)
         self.context = context
+        self._session = context.synthesizer.open_session()
         self._stream: SentenceStream | None = None
         self._replies: asyncio.Queue[Reply | None] = asyncio.Queue()
         self._unfinished: set[AudioJob] = set()
+        """Jobs whose audio is not completely sent yet."""
 
     async def run(self) -> None:
         """Read events until EOF; then finish the replies already asked for (unless gone)."""
         self._is_running = True
-        speaker = asyncio.create_task(self._speak(), name="wyoming reply writer")
+        speaker = asyncio.create_task(self._write_replies(), name="wyoming reply writer")
         try:
             refusal = await self._read_events()
             if refusal is None:
@@ -97,7 +100,7 @@ class SopranoEventHandler(AsyncEventHandler):
                 await self._close(refusal)
         finally:
             speaker.cancel()
-            self._cancel_jobs()
+            self._session.cancel()
             await self.disconnect()
             self.writer.close()
 
@@ -128,22 +131,23 @@ class SopranoEventHandler(AsyncEventHandler):
                 _LOGGER.debug("Ignoring the whole-text synthesize sent inside a stream")
             else:
                 self._check_options(event.data)
-                self._speak_text(_text(event.data), announce_empty=True)
+                sentences = await asyncio.to_thread(prepare_text, _text(event.data))
+                self._speak(sentences, announce_empty=True)
         elif SynthesizeStart.is_type(event.type):
             if self._stream is not None:
                 _LOGGER.debug("synthesize-start inside a stream ends the open stream first")
-                self._end_stream()
+                await self._end_stream()
             self._check_options(event.data)
             self._stream = SentenceStream()
         elif SynthesizeChunk.is_type(event.type):
             if self._stream is None:
                 _LOGGER.debug("Ignoring synthesize-chunk outside a stream")
             else:
-                ready = await asyncio.to_thread(self._stream.add, _text(event.data))
-                if ready:
-                    self._speak_text(ready, announce_empty=False)
+                sentences = await asyncio.to_thread(self._stream.add, _text(event.data))
+                if sentences:
+                    self._speak(sentences, announce_empty=False)
         elif SynthesizeStop.is_type(event.type):
-            self._end_stream()
+            await self._end_stream()
         else:
             _LOGGER.debug("Ignoring event %s", event.type)
         return True
@@ -162,21 +166,21 @@ class SopranoEventHandler(AsyncEventHandler):
         if name is not None and name != self.context.voice_name:
             _LOGGER.debug("Unknown voice %r; using %s", name, self.context.voice_name)
 
-    def _speak_text(self, text: str, announce_empty: bool) -> None:
-        job = self.context.synthesizer.submit(text)
-        self._unfinished.add(job)
-        self._replies.put_nowait(Speech(job, announce_empty))
+    def _speak(self, sentences: list[str], announce_empty: bool) -> None:
+        jobs = [self._session.submit(sentence) for sentence in sentences]
+        self._unfinished.update(jobs)
+        self._replies.put_nowait(Speech(jobs, announce_empty))
 
-    def _end_stream(self) -> None:
+    async def _end_stream(self) -> None:
         """Speak what is left of the open stream (if any), then `synthesize-stopped`."""
         if self._stream is not None:
-            rest = self._stream.finish()
+            rest = await asyncio.to_thread(self._stream.finish)
             self._stream = None
             if rest:
-                self._speak_text(rest, announce_empty=False)
+                self._speak(rest, announce_empty=False)
         self._replies.put_nowait(SynthesizeStopped().event())
 
-    async def _speak(self) -> None:
+    async def _write_replies(self) -> None:
         """Write the replies in order; stop everything on an engine failure or a lost client."""
         try:
             while (reply := await self._replies.get()) is not None:
@@ -199,17 +203,18 @@ class SopranoEventHandler(AsyncEventHandler):
             await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
             started = True
         pending = bytearray()
-        async for pcm in speech.job.pcm_chunks():
-            if not started:
-                await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
-                started = True
-            pending += pcm
-            while len(pending) >= chunk_bytes:
-                await self._write_chunk(bytes(pending[:chunk_bytes]))
-                del pending[:chunk_bytes]
+        for job in speech.jobs:
+            async for pcm in job.pcm_chunks():
+                if not started:
+                    await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
+                    started = True
+                pending += pcm
+                while len(pending) >= chunk_bytes:
+                    await self._write_chunk(bytes(pending[:chunk_bytes]))
+                    del pending[:chunk_bytes]
+            self._unfinished.discard(job)
         if pending:
             await self._write_chunk(bytes(pending))
-        self._unfinished.discard(speech.job)
         if started:
             await self.write_event(AudioStop().event())
 
@@ -218,7 +223,7 @@ class SopranoEventHandler(AsyncEventHandler):
 
     async def _close(self, error: Error | None) -> None:
         """Stop this connection's synthesis, send `error` if any, and hang up."""
-        self._cancel_jobs()
+        self._session.cancel()
         if error is not None:
             try:
                 await self.write_event(error.event())
@@ -227,11 +232,6 @@ class SopranoEventHandler(AsyncEventHandler):
         self._is_running = False
         self.writer.close()
         self.reader.feed_eof()
-
-    def _cancel_jobs(self) -> None:
-        for job in self._unfinished:
-            job.cancel()
-        self._unfinished.clear()
 
 
 def _text(data: dict[str, Any]) -> str:

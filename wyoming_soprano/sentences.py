@@ -6,6 +6,10 @@ text may be synthesized before the rest arrives only if the engine's front end
 whole: the stream then sounds exactly like the one-shot `synthesize` of the same text. The engine
 merges sentences shorter than MIN_SENTENCE_LENGTH into a neighbour, so a cut is only taken once
 the text after it starts with a sentence long enough never to be merged back across the cut.
+
+Known limit: normalisation that reaches across sentences (a bracket opened in one sentence and
+closed several sentences later) can still treat the released sentences differently from the
+whole text, because they were spoken before the closing bracket arrived.
 """
 
 from __future__ import annotations
@@ -22,25 +26,17 @@ CUTS_TRIED = 16
 
 
 class SentenceStream:
-    """Collects text fragments and releases the longest prefix whose sentences are final."""
+    """Collects text fragments and releases the sentences of the longest final prefix.
+
+    The cut is the last one after which no later text can change the sentences before it.
+    """
 
     def __init__(self) -> None:
         self._pending = ""
 
-    def add(self, fragment: str) -> str:
-        """Append a fragment; return the raw text that can be synthesized now ("" if none)."""
+    def add(self, fragment: str) -> list[str]:
+        """Append a fragment; return the engine's sentences that are final now (maybe none)."""
         self._pending += fragment
-        cut = self._final_cut()
-        ready, self._pending = self._pending[:cut], self._pending[cut:]
-        return ready
-
-    def finish(self) -> str:
-        """Everything not yet released; the stream is empty afterwards."""
-        rest, self._pending = self._pending, ""
-        return rest
-
-    def _final_cut(self) -> int:
-        """The last cut after which no later text can change the sentences before it, or 0."""
         text = self._pending
         cuts = [match.end() for match in _CUT_CANDIDATE.finditer(text)]
         whole: list[str] | None = None
@@ -51,8 +47,14 @@ class SentenceStream:
             whole = prepare_text(text) if whole is None else whole
             head_sentences = prepare_text(head)
             if head_sentences and head_sentences + prepare_text(tail) == whole:
-                return cut
-        return 0
+                self._pending = tail
+                return head_sentences
+        return []
+
+    def finish(self) -> list[str]:
+        """The sentences of everything not yet released; the stream is empty afterwards."""
+        rest, self._pending = self._pending, ""
+        return prepare_text(rest)
 
 
 def _starts_with_long_sentence(text: str) -> bool:

@@ -1,12 +1,19 @@
 """How every connection shares the one engine: a single inference thread that takes turns.
 
 The engine is loaded once and is not thread-safe, and inference must never run on the event loop
-(describe has to be answered within a second while others synthesize). So all engine calls run on
-one worker thread. Each request is an `infer_stream` generator; the worker advances the active
-generators round-robin, one audio chunk per turn. A new request therefore gets its first audio
-after at most one chunk of every other active request, instead of waiting behind whole texts as
-it would behind a lock or a FIFO queue. Cross-request batching would need an engine that admits
-new prompts into a running batch; `infer_stream` fixes its batch when it starts.
+(describe has to be answered within a second while others synthesize). So every engine call runs
+on one worker thread. Each connection has a session: a queue of sentences, generated one after
+the other with `infer_stream`. The worker advances the sessions round-robin, one audio chunk per
+turn, so a new client gets its first audio after at most one chunk of each other active client,
+instead of waiting behind whole texts as behind a lock or a FIFO queue.
+
+A sentence at a time (not the whole text in one batch) has three reasons: the first audio comes
+sooner (a batch of one steps fastest), the work per call is bounded however long the text, and a
+streamed text, whose sentences arrive one by one, makes exactly the engine calls that the same
+text sent in one `synthesize` makes, so the two give identical audio. (Batching changes the float
+rounding of the LM slightly: a sentence generated inside a batch can differ from itself generated
+alone by one PCM step.) Batching across clients would need an engine that admits new prompts into
+a running batch; `infer_stream` fixes its batch when it starts.
 """
 
 from __future__ import annotations
@@ -38,22 +45,14 @@ class SynthesisError(Exception):
 
 
 class AudioJob:
-    """One engine call. The worker thread produces its PCM; one coroutine consumes it."""
+    """One sentence. The worker thread produces its PCM; one coroutine consumes it."""
 
-    def __init__(self, text: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.text = text
+    def __init__(self, sentence: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.sentence = sentence
         self._loop = loop
         self._pcm: asyncio.Queue[bytes | SynthesisError | None] = asyncio.Queue()
-        self._cancelled = False
+        self.cancelled = False
         self.generator: Iterator[torch.Tensor] | None = None
-
-    def cancel(self) -> None:
-        """Stop generating; the worker closes the generator at the job's next turn."""
-        self._cancelled = True
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
 
     async def pcm_chunks(self) -> AsyncIterator[bytes]:
         """16-bit PCM in the order the engine yields it; raises SynthesisError on failure."""
@@ -71,70 +70,106 @@ class AudioJob:
         return True
 
 
+class SynthesisSession:
+    """One connection's sentences, generated in order; created by `Synthesizer.open_session`."""
+
+    def __init__(self, synthesizer: Synthesizer) -> None:
+        self._synthesizer = synthesizer
+        self.jobs: deque[AudioJob] = deque()
+        self.waiting_for_turn = False
+
+    def submit(self, sentence: str) -> AudioJob:
+        """Queue one sentence; its audio starts flowing once the sentences before it are done."""
+        job = AudioJob(sentence, asyncio.get_running_loop())
+        self._synthesizer.enqueue(self, job)
+        return job
+
+    def cancel(self) -> None:
+        """Stop generating: each unfinished job is closed at its next turn, on the worker."""
+        self._synthesizer.cancel(self)
+
+
 class Synthesizer:
-    """Owns the engine and its worker thread; `submit` is called from the event loop."""
+    """Owns the engine and its worker thread; sessions are used from the event loop."""
 
     def __init__(self, tts: SopranoTTS, sampling: SamplingParams, chunk_size: int) -> None:
         self.tts = tts
         self.sampling = sampling
         self.chunk_size = chunk_size
-        self._turns: deque[AudioJob] = deque()
-        self._wakeup = threading.Condition()
+        self._turns: deque[SynthesisSession] = deque()
+        self._lock = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="soprano-inference")
         self._thread.start()
 
-    def submit(self, text: str) -> AudioJob:
-        """Queue `text` for synthesis; its audio starts flowing at the job's first turn."""
-        job = AudioJob(text, asyncio.get_running_loop())
-        with self._wakeup:
+    def open_session(self) -> SynthesisSession:
+        return SynthesisSession(self)
+
+    def enqueue(self, session: SynthesisSession, job: AudioJob) -> None:
+        with self._lock:
             if self._closed:
                 raise RuntimeError("the synthesizer is closed")
-            self._turns.append(job)
-            self._wakeup.notify()
-        return job
+            session.jobs.append(job)
+            if not session.waiting_for_turn:
+                session.waiting_for_turn = True
+                self._turns.append(session)
+                self._lock.notify()
+
+    def cancel(self, session: SynthesisSession) -> None:
+        with self._lock:
+            for job in session.jobs:
+                job.cancelled = True
 
     def close(self) -> None:
         """Stop the worker after its current turn; unfinished jobs are closed, not completed."""
-        with self._wakeup:
+        with self._lock:
             self._closed = True
-            self._wakeup.notify()
+            self._lock.notify()
         self._thread.join()
 
     def _work(self) -> None:
-        while (job := self._next_turn()) is not None:
-            if job.cancelled:
-                self._finish(job, None)
-                continue
-            try:
-                if job.generator is None:
-                    job.generator = self._start(job.text)
-                chunk = next(job.generator)
-            except StopIteration:
-                self._finish(job, None)
-                continue
-            except Exception as error:  # the engine's failure is reported to that client only
-                _LOGGER.exception("Synthesis failed for %r", job.text)
-                self._finish(job, SynthesisError(error))
-                continue
-            if job.deliver(to_pcm16(chunk)):
-                with self._wakeup:
-                    self._turns.append(job)
-            else:
-                self._finish(job, None)
+        while (session := self._next_turn()) is not None:
+            job = session.jobs[0]
+            done = self._advance(job)
+            with self._lock:
+                if done:
+                    session.jobs.popleft()
+                if session.jobs:
+                    self._turns.append(session)
+                else:
+                    session.waiting_for_turn = False
         self._close_remaining()
 
-    def _next_turn(self) -> AudioJob | None:
-        with self._wakeup:
+    def _next_turn(self) -> SynthesisSession | None:
+        with self._lock:
             while not self._turns and not self._closed:
-                self._wakeup.wait()
-            if self._closed:
-                return None
-            return self._turns.popleft()
+                self._lock.wait()
+            return None if self._closed else self._turns.popleft()
 
-    def _start(self, text: str) -> Iterator[torch.Tensor]:
+    def _advance(self, job: AudioJob) -> bool:
+        """Produce the job's next chunk; True when the job is over."""
+        if job.cancelled:
+            self._finish(job, None)
+            return True
+        try:
+            if job.generator is None:
+                job.generator = self._start(job.sentence)
+            chunk = next(job.generator)
+        except StopIteration:
+            self._finish(job, None)
+            return True
+        except Exception as error:  # the engine's failure is reported to that client only
+            _LOGGER.exception("Synthesis failed for %r", job.sentence)
+            self._finish(job, SynthesisError(error))
+            return True
+        if job.deliver(to_pcm16(chunk)):
+            return False
+        self._finish(job, None)
+        return True
+
+    def _start(self, sentence: str) -> Iterator[torch.Tensor]:
         return self.tts.infer_stream(
-            text,
+            sentence,
             chunk_size=self.chunk_size,
             temperature=self.sampling.temperature,
             top_p=self.sampling.top_p,
@@ -148,14 +183,14 @@ class Synthesizer:
         if job.generator is not None:
             job.generator.close()
             job.generator = None
-        if job.cancelled:
-            _LOGGER.debug("Stopped synthesis of %r", job.text)
+            if job.cancelled:
+                _LOGGER.debug("Stopped synthesis of %r", job.sentence)
         job.deliver(error)
 
     def _close_remaining(self) -> None:
-        with self._wakeup:
-            remaining = list(self._turns)
+        with self._lock:
+            remaining = [job for session in self._turns for job in session.jobs]
             self._turns.clear()
         for job in remaining:
-            job.cancel()
+            job.cancelled = True
             self._finish(job, None)

@@ -1,0 +1,664 @@
+"""The Wyoming server end to end: subprocess servers, real sockets, the real `wyoming` client.
+
+Servers run on a generated random-weight checkpoint. The main server decodes greedily, so its
+audio can be compared byte for byte with the engine's `infer` in this process; the busy server
+samples (temperature 1, 400 tokens a sentence) so that a request is certainly still generating
+while other clients talk to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import wave
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from wyoming.audio import AudioChunk, AudioStart
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event, async_read_event, async_write_event
+from wyoming.info import Describe, Info
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeVoice,
+)
+
+from soprano import SopranoTTS
+from soprano.audio import to_pcm16
+from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH, TOKEN_SAMPLES
+from soprano.text import prepare_text
+from wyoming_soprano import __version__
+from wyoming_soprano.info import PROGRAM_NAME
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_NEW_TOKENS = 24
+SAMPLES_PER_CHUNK = 1000
+"""Not a multiple of the engine's 2048-sample chunks, so the server must re-cut its audio."""
+
+STARTUP_TIMEOUT = 180.0
+EVENT_TIMEOUT = 60.0
+"""Generous bounds for a loaded machine; they only turn a hang into a failure."""
+
+DESCRIBE_DEADLINE = 1.0
+"""Home Assistant gives each describe attempt one second (spec §5.1)."""
+
+TEXT = (
+    "Hello there, this is the first sentence of our test. Here comes a second sentence "
+    "that is long enough! And a third one, to finish the whole test nicely?"
+)
+OTHER_TEXTS = [
+    "A different request arrives on another connection at the same time.",
+    "Yet another client wants to hear this sentence, spoken right away!",
+]
+LONG_TEXT = " ".join(
+    f"This is sentence number {number} of a long announcement for everybody." for number in range(6)
+)
+AUDIO_FORMAT = (SAMPLE_RATE, SAMPLE_WIDTH, 1)
+
+T = TypeVar("T")
+
+
+class ServerProcess:
+    """`python -m wyoming_soprano` as a subprocess; its stderr is kept for log assertions."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "wyoming_soprano",
+                "--uri",
+                f"tcp://127.0.0.1:{self.port}",
+                *args,
+            ],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._lines: list[str] = []
+        self._log_ended = False
+        self._log_changed = threading.Condition()
+        threading.Thread(target=self._collect_log, daemon=True).start()
+
+    def _collect_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._log_changed:
+                self._lines.append(line.rstrip("\n"))
+                self._log_changed.notify_all()
+        with self._log_changed:
+            self._log_ended = True
+            self._log_changed.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._log_changed:
+            return "\n".join(self._lines)
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = EVENT_TIMEOUT) -> None:
+        """Block until `text` has appeared in `count` log lines."""
+
+        def seen() -> bool:
+            return sum(text in line for line in self._lines) >= count or self._log_ended
+
+        with self._log_changed:
+            self._log_changed.wait_for(seen, timeout)
+            found = sum(text in line for line in self._lines)
+        assert found >= count, f"{text!r} logged {found}×, expected {count}×:\n{self.log}"
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, as Docker sends it; returns the exit code and stdout."""
+        self.process.send_signal(signal.SIGTERM)
+        stdout, _ = self.process.communicate(timeout=EVENT_TIMEOUT)
+        return self.process.returncode, stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoint: Path) -> Iterator[dict[str, ServerProcess]]:
+    """Both TCP servers, started together so that their imports and model loads overlap."""
+    model = ["--model", str(tiny_checkpoint), "--device", "cpu"]
+    started = {
+        "main": ServerProcess(
+            *model,
+            *("--max-new-tokens", str(MAX_NEW_TOKENS)),
+            *("--samples-per-chunk", str(SAMPLES_PER_CHUNK)),
+        ),
+        "busy": ServerProcess(
+            *model,
+            *("--temperature", "1.0", "--seed", "3", "--max-new-tokens", "400", "--debug"),
+        ),
+    }
+    try:
+        for server in started.values():
+            server.wait_for_log("Ready on tcp://", timeout=STARTUP_TIMEOUT)
+        yield started
+    finally:
+        for name, server in started.items():
+            returncode, stdout = server.stop()
+            assert returncode == 0, f"{name} server exited with {returncode}:\n{server.log}"
+            assert stdout == "", "logs belong on stderr"
+            assert "Traceback" not in server.log, server.log
+
+
+@pytest.fixture(scope="module")
+def server(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["main"]
+
+
+@pytest.fixture(scope="module")
+def busy_server(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["busy"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Path) -> SopranoTTS:
+    return SopranoTTS(device="cpu", model_path=tiny_checkpoint)
+
+
+def reference_pcm(engine: SopranoTTS, text: str) -> bytes:
+    """What the server must send for `text`: the engine's audio of each sentence, in order.
+
+    The server generates one sentence per engine call (see wyoming_soprano.synthesis), so this
+    is exact to the byte; its length equals `infer(text)`'s, which one test checks as well.
+    """
+    return b"".join(
+        to_pcm16(chunk)
+        for sentence in prepare_text(text)
+        for chunk in engine.infer_stream(sentence, max_new_tokens=MAX_NEW_TOKENS)
+    )
+
+
+async def connect(server: ServerProcess) -> AsyncTcpClient:
+    client = AsyncTcpClient("127.0.0.1", server.port)
+    await client.connect()
+    return client
+
+
+async def next_event(client: AsyncTcpClient) -> Event:
+    event = await asyncio.wait_for(client.read_event(), EVENT_TIMEOUT)
+    assert event is not None, "the server closed the connection"
+    return event
+
+
+async def events_through(client: AsyncTcpClient, last_type: str) -> list[Event]:
+    """Every event up to and including the first one of `last_type`."""
+    events = [await next_event(client)]
+    while events[-1].type != last_type:
+        events.append(await next_event(client))
+    return events
+
+
+def audio_cycles(events: list[Event], samples_per_chunk: int) -> list[bytes]:
+    """The PCM of each audio-start … audio-stop cycle, checking order, format and chunk sizes."""
+    cycles: list[bytes] = []
+    chunks: list[bytes] | None = None
+    for event in events:
+        if event.type == "audio-start":
+            assert chunks is None, "audio-start inside a cycle"
+            start = AudioStart.from_event(event)
+            assert (start.rate, start.width, start.channels) == AUDIO_FORMAT
+            chunks = []
+        elif event.type == "audio-chunk":
+            assert chunks is not None, "audio-chunk outside a cycle"
+            chunk = AudioChunk.from_event(event)
+            assert (chunk.rate, chunk.width, chunk.channels) == AUDIO_FORMAT
+            chunks.append(chunk.audio)
+        elif event.type == "audio-stop":
+            assert chunks is not None, "audio-stop without audio-start"
+            assert all(len(c) == samples_per_chunk * SAMPLE_WIDTH for c in chunks[:-1])
+            assert all(0 < len(c) <= samples_per_chunk * SAMPLE_WIDTH for c in chunks[-1:])
+            cycles.append(b"".join(chunks))
+            chunks = None
+    assert chunks is None, "a cycle was not closed"
+    return cycles
+
+
+def test_describe_returns_one_tts_program_with_an_english_voice(
+    server: ServerProcess, tiny_checkpoint: Path
+) -> None:
+    async def scenario() -> Event:
+        client = await connect(server)
+        for ignored in ("select-program", "ping", "some-future-event"):
+            await client.write_event(Event(type=ignored, data={"name": "x"}))
+        await client.write_event(Describe().event())
+        event = await next_event(client)
+        await client.disconnect()
+        return event
+
+    event = run(scenario())
+    assert event.type == "info"
+    info = Info.from_event(event)
+    assert info.satellite is None
+    assert [program.name for program in info.tts] == [PROGRAM_NAME]
+    program = info.tts[0]
+    assert program.installed and program.description and program.attribution.url
+    assert program.version == __version__
+    assert program.supports_synthesize_streaming is True
+    [voice] = program.voices
+    assert voice.installed and voice.languages == ["en_US"]
+    assert voice.name == tiny_checkpoint.name
+
+
+def test_synthesize_sends_one_cycle_of_the_engines_audio(
+    server: ServerProcess, engine: SopranoTTS
+) -> None:
+    async def scenario() -> tuple[list[Event], Event]:
+        client = await connect(server)
+        await client.write_event(Synthesize(TEXT).event())
+        events = await events_through(client, "audio-stop")
+        await client.write_event(Describe().event())
+        after = await next_event(client)
+        await client.disconnect()
+        return events, after
+
+    events, after = run(scenario())
+    assert events[0].type == "audio-start"
+    assert [event.type for event in events[1:-1]] == ["audio-chunk"] * (len(events) - 2)
+    [pcm] = audio_cycles(events, SAMPLES_PER_CHUNK)
+    assert pcm == reference_pcm(engine, TEXT)
+    assert len(pcm) == len(engine.infer(TEXT, max_new_tokens=MAX_NEW_TOKENS)) * SAMPLE_WIDTH
+    assert len(pcm) % (TOKEN_SAMPLES * SAMPLE_WIDTH) == 0
+    assert after.type == "info", "nothing may follow audio-stop"
+
+
+def test_stream_speaks_finished_sentences_before_stop_and_equals_one_shot(
+    server: ServerProcess, engine: SopranoTTS
+) -> None:
+    async def scenario() -> tuple[Event, list[Event]]:
+        client = await connect(server)
+        await client.write_event(SynthesizeStart().event())
+        for start in range(0, len(TEXT), 5):
+            await client.write_event(SynthesizeChunk(TEXT[start : start + 5]).event())
+        first = await next_event(client)  # arrives while the stream is still open
+        await client.write_event(SynthesizeStop().event())
+        rest = await events_through(client, "synthesize-stopped")
+        await client.disconnect()
+        return first, rest
+
+    first, rest = run(scenario())
+    assert first.type == "audio-start"
+    events = [first, *rest]
+    assert [event.type for event in events].count("synthesize-stopped") == 1
+    cycles = audio_cycles(events, SAMPLES_PER_CHUNK)
+    assert len(cycles) >= 2
+    assert b"".join(cycles) == reference_pcm(engine, TEXT)
+
+
+def test_home_assistant_stream_gets_no_duplicate_audio_and_the_connection_stays_usable(
+    server: ServerProcess, engine: SopranoTTS, tiny_checkpoint: Path
+) -> None:
+    """Home Assistant's client: chunks cut inside words, then the whole text, then stop."""
+    voice = SynthesizeVoice(name=tiny_checkpoint.name, speaker="default")
+    chunks = [TEXT[:3], TEXT[3:17], TEXT[17:60], TEXT[60:61], TEXT[61:]]
+
+    async def send_like_home_assistant(client: AsyncTcpClient) -> None:
+        await client.write_event(SynthesizeStart(voice=voice).event())
+        for chunk in chunks:
+            await client.write_event(SynthesizeChunk(chunk).event())
+        await client.write_event(Synthesize(TEXT, voice=voice).event())
+        await client.write_event(SynthesizeStop().event())
+
+    async def scenario() -> tuple[list[Event], list[Event]]:
+        client = await connect(server)
+        writer = asyncio.create_task(send_like_home_assistant(client))
+        events = await events_through(client, "synthesize-stopped")
+        await writer
+        await client.write_event(Synthesize(OTHER_TEXTS[0]).event())
+        plain = await events_through(client, "audio-stop")
+        await client.disconnect()
+        return events, plain
+
+    events, plain = run(scenario())
+    expected = reference_pcm(engine, TEXT)
+    with wave.open(io.BytesIO(home_assistant_wav(events))) as wav_file:
+        assert (wav_file.getframerate(), wav_file.getsampwidth()) == (SAMPLE_RATE, SAMPLE_WIDTH)
+        assert wav_file.readframes(wav_file.getnframes()) == expected
+    assert b"".join(audio_cycles(events, SAMPLES_PER_CHUNK)) == expected
+    assert audio_cycles(plain, SAMPLES_PER_CHUNK) == [reference_pcm(engine, OTHER_TEXTS[0])]
+
+
+def home_assistant_wav(events: list[Event]) -> bytes:
+    """As Home Assistant's stream reader: WAV format from the first audio-start, then chunks."""
+    start = AudioStart.from_event(next(e for e in events if e.type == "audio-start"))
+    wav_io = io.BytesIO()
+    with wave.open(wav_io, "wb") as wav_file:
+        wav_file.setframerate(start.rate)
+        wav_file.setsampwidth(start.width)
+        wav_file.setnchannels(start.channels)
+        for event in events:
+            if event.type == "audio-chunk":
+                wav_file.writeframes(AudioChunk.from_event(event).audio)
+    return wav_io.getvalue()
+
+
+def test_second_synthesize_start_finishes_the_open_stream_first(
+    server: ServerProcess, engine: SopranoTTS
+) -> None:
+    """Defined behaviour: the open stream is spoken and stopped, then the new one begins."""
+
+    async def scenario() -> list[Event]:
+        client = await connect(server)
+        for text in OTHER_TEXTS:
+            await client.write_event(SynthesizeStart().event())
+            await client.write_event(SynthesizeChunk(text).event())
+        await client.write_event(SynthesizeStop().event())
+        first = await events_through(client, "synthesize-stopped")
+        second = await events_through(client, "synthesize-stopped")
+        await client.disconnect()
+        return [first, second]
+
+    first, second = run(scenario())
+    assert audio_cycles(first, SAMPLES_PER_CHUNK) == [reference_pcm(engine, OTHER_TEXTS[0])]
+    assert audio_cycles(second, SAMPLES_PER_CHUNK) == [reference_pcm(engine, OTHER_TEXTS[1])]
+
+
+def test_empty_text_gets_an_empty_cycle_and_an_empty_stream_just_stops(
+    server: ServerProcess,
+) -> None:
+    async def scenario() -> tuple[list[Event], list[Event]]:
+        client = await connect(server)
+        await client.write_event(Synthesize("").event())
+        one_shot = await events_through(client, "audio-stop")
+        await client.write_event(SynthesizeStart().event())
+        await client.write_event(SynthesizeChunk(" ... ").event())
+        await client.write_event(SynthesizeStop().event())
+        stream = await events_through(client, "synthesize-stopped")
+        await client.disconnect()
+        return one_shot, stream
+
+    one_shot, stream = run(scenario())
+    assert [event.type for event in one_shot] == ["audio-start", "audio-stop"]
+    assert [event.type for event in stream] == ["synthesize-stopped"]
+
+
+def test_several_clients_at_once_are_all_served(server: ServerProcess, engine: SopranoTTS) -> None:
+    async def synthesize(text: str) -> bytes:
+        client = await connect(server)
+        await client.write_event(Synthesize(text).event())
+        [pcm] = audio_cycles(await events_through(client, "audio-stop"), SAMPLES_PER_CHUNK)
+        await client.disconnect()
+        return pcm
+
+    async def scenario() -> list[bytes]:
+        return list(await asyncio.gather(*(synthesize(text) for text in [TEXT, *OTHER_TEXTS])))
+
+    results = run(scenario())
+    assert results == [reference_pcm(engine, text) for text in [TEXT, *OTHER_TEXTS]]
+
+
+MALFORMED_INPUT = {
+    "garbage bytes": b"\x00\xff\xfe garbage, not JSON\n",
+    "a JSON array": b"[1, 2, 3]\n",
+    "no type": b'{"data": {"text": "hi"}}\n',
+    "non-numeric data_length": b'{"type": "synthesize", "data_length": "lots"}\n',
+    "negative payload_length": b'{"type": "synthesize", "payload_length": -4}\n',
+    "data that is not an object": b'{"type": "synthesize", "data_length": 4}\n"hi"',
+}
+
+
+@pytest.mark.parametrize("raw", MALFORMED_INPUT.values(), ids=MALFORMED_INPUT.keys())
+def test_malformed_event_gets_an_error_and_closes_only_that_connection(
+    server: ServerProcess, raw: bytes
+) -> None:
+    async def scenario() -> tuple[Event | None, Event | None, Event]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(raw)
+        await writer.drain()
+        error = await asyncio.wait_for(async_read_event(reader), EVENT_TIMEOUT)
+        after = await asyncio.wait_for(async_read_event(reader), EVENT_TIMEOUT)
+        writer.close()
+        return error, after, await describe(server)
+
+    error, after, info = run(scenario())
+    assert error is not None and Error.from_event(error).code == "ProtocolError"
+    assert after is None, "the connection must be closed after the error"
+    assert info.type == "info"
+
+
+def test_oversized_header_and_a_client_that_leaves_mid_event_do_not_harm_others(
+    server: ServerProcess,
+) -> None:
+    async def oversized() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b'{"type": "describe", "padding": "' + b"x" * 200_000 + b'"}\n')
+        try:
+            await writer.drain()
+            while await asyncio.wait_for(reader.read(65536), EVENT_TIMEOUT):
+                pass  # an error event may arrive before the close
+        except ConnectionError:
+            pass  # the server may reset a connection whose bytes it refuses to read
+        writer.close()
+
+    async def leaves_mid_event() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b'{"type": "synthesize", "data_length": 100}\n{"text": "Hel')
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> Event:
+        await oversized()
+        await leaves_mid_event()
+        return await describe(server)
+
+    assert run(scenario()).type == "info"
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        ({"voice": {"name": "x"}}, "InvalidRequest"),
+        ({"text": 42}, "InvalidRequest"),
+        ({"text": "<speak>Hi</speak>", "text_format": "ssml"}, "UnsupportedTextFormat"),
+    ],
+)
+def test_refused_request_gets_an_error_event_then_the_connection_closes(
+    server: ServerProcess, data: dict[str, Any], code: str
+) -> None:
+    async def scenario() -> tuple[Event, Event | None]:
+        client = await connect(server)
+        await client.write_event(Event(type="synthesize", data=data))
+        error = await next_event(client)
+        after = await asyncio.wait_for(client.read_event(), EVENT_TIMEOUT)
+        await client.disconnect()
+        return error, after
+
+    error, after = run(scenario())
+    assert error.type == "error" and Error.from_event(error).code == code
+    assert after is None
+
+
+async def describe(server: ServerProcess) -> Event:
+    client = await connect(server)
+    await client.write_event(Describe().event())
+    event = await next_event(client)
+    await client.disconnect()
+    return event
+
+
+def test_netcat_style_describe_is_answered(server: ServerProcess) -> None:
+    """`echo '{"type":"describe"}' | nc -w 1 localhost 10200`: inline header, no data_length."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=DESCRIBE_DEADLINE) as conn:
+        conn.sendall(b'{"type":"describe"}\n')
+        received = b""
+        while b"\n" not in received:
+            received += conn.recv(65536)
+        header_line, data = received.split(b"\n", 1)
+        header = json.loads(header_line)
+        while len(data) < header["data_length"]:
+            data += conn.recv(65536)
+    assert header["type"] == "info"
+    assert json.loads(data)["tts"][0]["name"] == PROGRAM_NAME
+
+
+def test_health_check_passes_against_the_server_and_fails_without_one(
+    server: ServerProcess,
+) -> None:
+    def health_check(port: int) -> subprocess.CompletedProcess[str]:
+        uri = f"tcp://127.0.0.1:{port}"
+        return subprocess.run(
+            [sys.executable, "-m", "wyoming_soprano.health_check", "--uri", uri, "--timeout", "20"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=EVENT_TIMEOUT,
+        )
+
+    healthy = health_check(server.port)
+    assert healthy.returncode == 0, healthy.stderr
+    unhealthy = health_check(free_port())
+    assert unhealthy.returncode == 1
+    assert unhealthy.stderr.startswith("unhealthy: ")
+
+
+def test_describe_is_answered_within_a_second_while_another_client_synthesizes(
+    busy_server: ServerProcess,
+) -> None:
+    async def scenario() -> tuple[Event, float]:
+        speaking = await connect(busy_server)
+        await speaking.write_event(Synthesize(LONG_TEXT).event())
+        assert (await next_event(speaking)).type == "audio-start"
+        assert (await next_event(speaking)).type == "audio-chunk"
+        asking = await connect(busy_server)
+        started = time.monotonic()
+        await asking.write_event(Describe().event())
+        info = await asyncio.wait_for(asking.read_event(), EVENT_TIMEOUT)
+        elapsed = time.monotonic() - started
+        await asking.disconnect()
+        await speaking.disconnect()
+        assert info is not None
+        return info, elapsed
+
+    stopped_before = busy_server.log.count("Stopped synthesis")
+    info, elapsed = run(scenario())
+    assert info.type == "info"
+    assert elapsed < DESCRIBE_DEADLINE
+    # The synthesis was still generating after describe was answered: leaving stopped it.
+    busy_server.wait_for_log("Stopped synthesis", count=stopped_before + 1)
+
+
+def test_client_leaving_mid_stream_stops_its_generation_and_others_are_served(
+    busy_server: ServerProcess,
+) -> None:
+    async def leave_mid_stream() -> None:
+        client = await connect(busy_server)
+        await client.write_event(SynthesizeStart().event())
+        await client.write_event(SynthesizeChunk(LONG_TEXT).event())
+        await client.write_event(SynthesizeStop().event())
+        assert (await next_event(client)).type == "audio-start"
+        assert (await next_event(client)).type == "audio-chunk"
+        await client.disconnect()
+
+    async def next_client() -> list[Event]:
+        client = await connect(busy_server)
+        await client.write_event(Synthesize(OTHER_TEXTS[0]).event())
+        events = await events_through(client, "audio-stop")
+        await client.disconnect()
+        return events
+
+    stopped_before = busy_server.log.count("Stopped synthesis")
+    run(leave_mid_stream())
+    busy_server.wait_for_log("Stopped synthesis", count=stopped_before + 1)
+    busy_server.wait_for_log("Client went away")
+    events = run(next_client())
+    assert len(audio_cycles(events, TOKEN_SAMPLES)) == 1
+
+
+def test_stdio_server_without_streaming_flag_still_handles_streams(
+    tiny_checkpoint: Path, engine: SopranoTTS
+) -> None:
+    """stdio:// with --no-streaming: streaming is not advertised, but a stream still works."""
+
+    async def scenario() -> tuple[Event, list[Event], list[Event], int, bytes]:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "wyoming_soprano", "--uri", "stdio://", "--no-streaming"),
+            *("--model", str(tiny_checkpoint), "--device", "cpu"),
+            *("--max-new-tokens", str(MAX_NEW_TOKENS)),
+            cwd=REPO_ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        assert process.stderr is not None
+
+        async def read() -> Event:
+            event = await asyncio.wait_for(async_read_event(process.stdout), STARTUP_TIMEOUT)
+            assert event is not None
+            return event
+
+        async def read_through(last_type: str) -> list[Event]:
+            events = [await read()]
+            while events[-1].type != last_type:
+                events.append(await read())
+            return events
+
+        await async_write_event(Describe().event(), process.stdin)
+        info = await read()
+        await async_write_event(Synthesize(TEXT).event(), process.stdin)
+        one_shot = await read_through("audio-stop")
+        await async_write_event(SynthesizeStart().event(), process.stdin)
+        await async_write_event(SynthesizeChunk(TEXT).event(), process.stdin)
+        await async_write_event(SynthesizeStop().event(), process.stdin)
+        stream = await read_through("synthesize-stopped")
+        process.stdin.close()
+        remaining = await asyncio.wait_for(process.stdout.read(), EVENT_TIMEOUT)
+        log = await asyncio.wait_for(process.stderr.read(), EVENT_TIMEOUT)
+        returncode = await asyncio.wait_for(process.wait(), EVENT_TIMEOUT)
+        assert b"Traceback" not in log, log.decode()
+        return info, one_shot, stream, returncode, remaining
+
+    info, one_shot, stream, returncode, remaining = run(scenario())
+    assert Info.from_event(info).tts[0].supports_synthesize_streaming is False
+    expected = reference_pcm(engine, TEXT)
+    assert audio_cycles(one_shot, TOKEN_SAMPLES) == [expected]
+    assert b"".join(audio_cycles(stream, TOKEN_SAMPLES)) == expected
+    assert returncode == 0
+    assert remaining == b"", "stdout carries events only"
+
+
+def test_missing_model_offline_is_one_clear_error_and_a_nonzero_exit(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "wyoming_soprano", "--uri", "stdio://"),
+            *("--model", "ekwek/Soprano-1.1-80M", "--download-dir", str(tmp_path)),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, result.stderr
+    assert "Cannot load the model" in errors[0] and "ekwek/Soprano-1.1-80M" in errors[0]
+    assert result.stdout == ""
