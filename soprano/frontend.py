@@ -1,0 +1,103 @@
+"""What the command-line programs share: model and sampling options, and loading the engine once."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from soprano.constants import (
+    DEFAULT_MODEL,
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_NEW_TOKENS,
+)
+from soprano.lm import BACKENDS
+from soprano.tts import SopranoTTS
+
+DEFAULT_CACHE_SIZE_MB = 100
+"""lmdeploy's KV-cache budget, the engine's default."""
+
+SAMPLING_OPTIONS = ("temperature", "top_p", "repetition_penalty", "seed", "max_new_tokens")
+"""The keyword arguments of SopranoTTS.infer/infer_stream that the sampling options fill."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "-m",
+        "--model",
+        "--model-path",
+        dest="model",
+        default=DEFAULT_MODEL,
+        help=f"local checkpoint folder or Hugging Face repo id (default: {DEFAULT_MODEL})",
+    )
+    group.add_argument(
+        "-d", "--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default: auto)"
+    )
+    group.add_argument(
+        "-b", "--backend", default="auto", choices=BACKENDS, help="language-model backend"
+    )
+    group.add_argument(
+        "--cache-size",
+        type=int,
+        default=DEFAULT_CACHE_SIZE_MB,
+        metavar="MB",
+        help=f"lmdeploy KV-cache size (default: {DEFAULT_CACHE_SIZE_MB})",
+    )
+    group.add_argument(
+        "--decoder-batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sentences decoded together (default: 1)",
+    )
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"0 is greedy and repeatable (default: {DEFAULT_TEMPERATURE})",
+    )
+    group.add_argument(
+        "--top-p", type=float, default=DEFAULT_TOP_P, help=f"(default: {DEFAULT_TOP_P})"
+    )
+    group.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=DEFAULT_REPETITION_PENALTY,
+        help=f"(default: {DEFAULT_REPETITION_PENALTY})",
+    )
+    group.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    group.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS,
+        metavar="N",
+        help=f"longest audio per sentence, in 64 ms tokens (default: {MAX_NEW_TOKENS})",
+    )
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in SAMPLING_OPTIONS}
+
+
+def load_tts(args: argparse.Namespace) -> SopranoTTS:
+    """The engine the model options describe; errors are SopranoError or ValueError."""
+    return SopranoTTS(
+        backend=args.backend,
+        device=args.device,
+        cache_size_mb=args.cache_size,
+        decoder_batch_size=args.decoder_batch_size,
+        model_path=args.model,
+    )
+
+
+def configure_logging(level: int) -> None:
+    """Engine messages (a sentence cut at max_new_tokens...) on standard error, one per line."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("soprano").setLevel(level)
