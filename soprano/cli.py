@@ -42,7 +42,7 @@ EXIT_INTERRUPTED = 130
 
 PLAY_INSTALL_HINT = (
     "--play needs the sounddevice package and the PortAudio library "
-    "(pip install sounddevice; on Debian/Ubuntu: apt install libportaudio2)"
+    "(pip install 'wyoming-soprano[play]'; on Debian/Ubuntu also: apt install libportaudio2)"
 )
 
 

@@ -187,7 +187,7 @@ def test_no_text_on_a_terminal_says_where_text_comes_from(tmp_path: Path) -> Non
          "soprano: error: temperature must be a finite number >= 0, got -1.0"),
         (["--play", "--model", "{checkpoint}", "Hello."],
          "soprano: error: --play needs the sounddevice package and the PortAudio library "
-         "(pip install sounddevice; on Debian/Ubuntu: apt install libportaudio2): "
+         "(pip install 'wyoming-soprano[play]'; on Debian/Ubuntu also: apt install libportaudio2): "
          "No module named 'sounddevice'"),
     ],
 )  # fmt: skip
