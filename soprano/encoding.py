@@ -141,12 +141,14 @@ class AudioEncoder(ABC):
     def __init__(self, fmt: AudioFormat, sample_rate: int) -> None:
         self.format = fmt
         self.sample_rate = sample_rate
+        self.samples_written = 0
         self._sink = _ForwardSink()
 
     def write(self, audio: torch.Tensor | np.ndarray) -> None:
         pcm = np.frombuffer(to_pcm16(audio), dtype="<i2")
         if len(pcm):
             self._encode(pcm)
+            self.samples_written += len(pcm)
 
     def take(self) -> bytes:
         return self._sink.take()

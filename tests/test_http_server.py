@@ -1,0 +1,345 @@
+"""`soprano-server` as a real process on loopback, called with the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+import wave
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile
+import torch
+
+from soprano.audio import to_pcm16
+from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
+from soprano.encoding import OPUS_SAMPLE_RATE, encode_audio
+from soprano.tts import SopranoTTS
+
+SERVER = str(Path(sys.executable).with_name("soprano-server"))  # the installed console script
+TEXT = "Hello there, this is one short test sentence."
+MAX_NEW_TOKENS = 24
+SAMPLING = {"temperature": 1.0, "seed": 1, "max_new_tokens": MAX_NEW_TOKENS}
+# Random weights never say [STOP]: the sentence is cut at MAX_NEW_TOKENS audio tokens.
+EXPECTED_SAMPLES = (MAX_NEW_TOKENS - 1) * TOKEN_SAMPLES
+MP3_FRAME = 1152
+MP3_DELAY = 576
+LONG_GENERATION = {"temperature": 1.0, "seed": 2, "max_new_tokens": 900}
+"""About a minute of audio: a request that keeps the engine busy for a while."""
+OPENAI_FIELDS = {"input", "response_format", "speed", "instructions", "stream_format"}
+"""Request fields the openai client takes as arguments; others go in extra_body."""
+FLAC_STREAMINFO_END = 42
+"""'fLaC' marker (4 bytes), STREAMINFO block header (4) and body (34)."""
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_checkpoint: Path) -> SopranoTTS:
+    return SopranoTTS(model_path=tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def streamed(tts: SopranoTTS) -> torch.Tensor:
+    """What a streamed response carries: the engine's stream."""
+    return torch.cat(list(tts.infer_stream(TEXT, **SAMPLING)))
+
+
+@pytest.fixture(scope="module")
+def whole(tts: SopranoTTS) -> torch.Tensor:
+    """What a `stream: false` response carries: the engine's offline audio."""
+    return tts.infer(TEXT, **SAMPLING)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path) -> Iterator[str]:
+    """The server's base URL, once it prints that it serves."""
+    process = subprocess.Popen(
+        [SERVER, "--model", str(tiny_checkpoint), "--device", "cpu", "--port", "0",
+         "--log-level", "warning", "--max-input-chars", "200"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    serving = threading.Event()
+    lines: list[str] = []
+
+    def read_stderr() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("soprano-server: serving "):
+                serving.set()
+        serving.set()  # the process ended
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    serving.wait(timeout=120)
+    assert process.poll() is None, "".join(lines)
+    url = lines[-1].rsplit(" ", 1)[-1].strip()
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0)
+
+
+def pcm16(audio: torch.Tensor) -> np.ndarray:
+    return np.frombuffer(to_pcm16(audio), dtype="<i2")
+
+
+def decode(data: bytes, response_format: str) -> tuple[int, np.ndarray]:
+    if response_format == "pcm":
+        return SAMPLE_RATE, np.frombuffer(data, dtype="<i2")
+    audio, rate = soundfile.read(io.BytesIO(data), dtype="int16")
+    return rate, audio
+
+
+def speak(client: openai.OpenAI, response_format: str, **extra: object) -> bytes:
+    response = client.audio.speech.create(
+        model="tts-1",
+        voice="alloy",
+        input=TEXT,
+        response_format=response_format,  # type: ignore[arg-type]
+        extra_body={**SAMPLING, **extra},
+    )
+    return response.content
+
+
+def check_audio(data: bytes, response_format: str, expected: torch.Tensor) -> None:
+    """Lossless formats carry exactly the expected samples; lossy ones the expected length."""
+    rate, audio = decode(data, response_format)
+    if response_format in ("wav", "pcm", "flac"):
+        assert rate == SAMPLE_RATE
+        np.testing.assert_array_equal(audio, pcm16(expected))
+    elif response_format == "mp3":
+        assert rate == SAMPLE_RATE
+        # Without a gapless tag, MP3 adds LAME's delay and pads to whole frames.
+        assert EXPECTED_SAMPLES <= len(audio) < EXPECTED_SAMPLES + MP3_DELAY + MP3_FRAME
+    else:
+        assert rate == OPUS_SAMPLE_RATE
+        assert len(audio) == EXPECTED_SAMPLES * OPUS_SAMPLE_RATE // SAMPLE_RATE
+
+
+@pytest.mark.parametrize("response_format", ["wav", "pcm", "mp3", "opus"])
+def test_create_streams_each_format_by_default(
+    client: openai.OpenAI, response_format: str, streamed: torch.Tensor
+) -> None:
+    check_audio(speak(client, response_format), response_format, streamed)
+
+
+def test_create_flac_is_one_exact_file(client: openai.OpenAI, whole: torch.Tensor) -> None:
+    data = speak(client, "flac")
+
+    assert len(whole) == EXPECTED_SAMPLES
+    check_audio(data, "flac", whole)
+    assert soundfile.info(io.BytesIO(data)).frames == EXPECTED_SAMPLES
+
+
+def test_stream_false_sends_offline_audio_with_exact_headers(
+    server: str, whole: torch.Tensor
+) -> None:
+    response = httpx.post(
+        f"{server}/v1/audio/speech",
+        json={"input": TEXT, "response_format": "wav", "stream": False, **SAMPLING},
+        timeout=60,
+    )
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "audio/wav"
+    assert response.headers["content-length"] == str(len(response.content))
+    assert response.headers["content-disposition"] == 'attachment; filename="speech.wav"'
+    with wave.open(io.BytesIO(response.content)) as wav:
+        assert (wav.getframerate(), wav.getnframes()) == (SAMPLE_RATE, EXPECTED_SAMPLES)
+    check_audio(response.content, "wav", whole)
+
+
+@pytest.mark.parametrize(
+    ("response_format", "media_type"),
+    [("wav", "audio/wav"), ("pcm", "audio/pcm"), ("mp3", "audio/mpeg"), ("opus", "audio/ogg")],
+)
+def test_streaming_response_is_chunked_audio(
+    client: openai.OpenAI, response_format: str, media_type: str, streamed: torch.Tensor
+) -> None:
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1",
+        voice="alloy",
+        input=TEXT,
+        response_format=response_format,  # type: ignore[arg-type]
+        extra_body=SAMPLING,
+    ) as response:
+        assert response.headers["content-type"] == media_type
+        assert response.headers["transfer-encoding"] == "chunked"
+        assert "content-length" not in response.headers
+        data = b"".join(response.iter_bytes())
+
+    check_audio(data, response_format, streamed)
+
+
+def test_streamed_flac_is_the_exact_file_with_its_length_left_unknown(
+    client: openai.OpenAI, streamed: torch.Tensor
+) -> None:
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="alloy", input=TEXT, response_format="flac",
+        extra_body={**SAMPLING, "stream": True},
+    ) as response:  # fmt: skip
+        assert response.headers["transfer-encoding"] == "chunked"
+        data = b"".join(response.iter_bytes())
+
+    exact = encode_audio(streamed, "flac")
+    assert data[:4] == b"fLaC"
+    # STREAMINFO: 20-bit rate, 3-bit channels-1, 5-bit bits-1, then a 36-bit sample count.
+    fields = int.from_bytes(data[18:26], "big")
+    assert fields >> 44 == SAMPLE_RATE
+    assert (fields >> 41) & 0x7 == 0
+    assert (fields >> 36) & 0x1F == 15
+    assert fields & (2**36 - 1) == 0  # "unknown": a stream cannot know its length up front
+    assert data[FLAC_STREAMINFO_END:] == exact[FLAC_STREAMINFO_END:]
+    check_audio(exact, "flac", streamed)
+
+
+def test_sse_sends_one_delta_per_generated_chunk_then_usage(
+    server: str, tts: SopranoTTS, streamed: torch.Tensor
+) -> None:
+    chunks = list(tts.infer_stream(TEXT, **SAMPLING))
+    body = {"input": TEXT, "response_format": "pcm", "stream_format": "sse", **SAMPLING}
+
+    with httpx.stream("POST", f"{server}/v1/audio/speech", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [
+            json.loads(line.removeprefix("data: "))
+            for line in response.iter_lines()
+            if line.startswith("data: ")
+        ]
+
+    deltas = [event for event in events[:-1] if event["type"] == "speech.audio.delta"]
+    assert len(deltas) == len(events) - 1 == len(chunks)
+    for delta, chunk in zip(deltas, chunks, strict=True):
+        np.testing.assert_array_equal(
+            np.frombuffer(base64.b64decode(delta["audio"]), "<i2"), pcm16(chunk)
+        )
+    done = events[-1]
+    assert done["type"] == "speech.audio.done"
+    assert done["usage"]["output_tokens"] == len(streamed) // TOKEN_SAMPLES
+    assert done["usage"]["total_tokens"] == (
+        done["usage"]["input_tokens"] + done["usage"]["output_tokens"]
+    )
+    assert done["usage"]["input_tokens"] > len(TEXT.split())
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message", "param"),
+    [
+        ({"speed": 1.5},
+         "speed 1.5 cannot be honoured: Soprano speaks at one rate; send 1.0 or leave it out",
+         "speed"),
+        ({"speed": 9.0}, "speed: Input should be less than or equal to 4, got 9.0", "speed"),
+        ({"response_format": "aac"},
+         "response_format 'aac' is not supported; use wav, pcm, flac, mp3, opus",
+         "response_format"),
+        ({"response_format": "ogg"},
+         "response_format: Input should be 'mp3', 'opus', 'aac', 'flac', 'wav' or 'pcm', "
+         "got 'ogg'", "response_format"),
+        ({"instructions": "Whisper."},
+         "instructions are not supported: Soprano has one voice", "instructions"),
+        ({"input": " "}, "input is empty: give the text to speak", "input"),
+        ({"input": "x" * 201},
+         "input is 201 characters; this server accepts at most 200 per request", "input"),
+        ({"temprature": 0.5}, "Unrecognized request argument supplied: temprature", "temprature"),
+        ({"temperature": -1}, "temperature must be a finite number >= 0, got -1.0", None),
+        ({"retries": 2},
+         "retries needs stream: false, because streamed audio cannot be taken back", "retries"),
+        ({"stream_format": "sse", "stream": False},
+         "stream_format 'sse' always streams; drop stream: false", "stream"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_openai_shaped_400s(
+    client: openai.OpenAI, request_fields: dict[str, object], message: str, param: str | None
+) -> None:
+    fields: dict[str, object] = {"model": "tts-1", "voice": "alloy", "input": TEXT}
+    fields.update({k: v for k, v in request_fields.items() if k in OPENAI_FIELDS})
+    extra = {k: v for k, v in request_fields.items() if k not in OPENAI_FIELDS}
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.audio.speech.create(**fields, extra_body=extra)  # type: ignore[arg-type]
+
+    assert raised.value.status_code == 400
+    assert raised.value.body == {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": param,
+        "code": None,
+    }
+
+
+def test_malformed_json_and_unknown_paths_get_openai_shaped_errors(server: str) -> None:
+    malformed = httpx.post(
+        f"{server}/v1/audio/speech",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    missing = httpx.get(f"{server}/v1/voices")
+
+    assert malformed.status_code == 400
+    assert malformed.json()["error"]["message"].startswith("The request body is not valid JSON")
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "error": {"message": "Not Found", "type": "invalid_request_error", "param": None,
+                  "code": None}
+    }  # fmt: skip
+
+
+def test_models_health_and_openapi(
+    client: openai.OpenAI, server: str, tiny_checkpoint: Path
+) -> None:
+    models = client.models.list()
+    health = httpx.get(f"{server}/health").json()
+    schema = httpx.get(f"{server}/openapi.json").json()
+
+    assert [model.id for model in models.data] == [str(tiny_checkpoint)]
+    assert client.models.retrieve(str(tiny_checkpoint)).owned_by == "soprano"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("tts-1")
+    assert health == {
+        "status": "ok",
+        "model": str(tiny_checkpoint),
+        "backend": "native",
+        "device": "cpu",
+        "sample_rate": SAMPLE_RATE,
+        "requests_in_progress": 0,
+    }
+    assert set(schema["paths"]) == {"/health", "/v1/models", "/v1/models/{model_id}",
+                                    "/v1/audio/speech"}  # fmt: skip
+    speech_fields = schema["components"]["schemas"]["SpeechRequest"]["properties"]
+    assert {"input", "response_format", "stream_format", "seed", "max_new_tokens"} <= set(
+        speech_fields
+    )
+
+
+def test_the_event_loop_serves_while_the_engine_is_busy_and_requests_queue(
+    client: openai.OpenAI, server: str, whole: torch.Tensor
+) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=TEXT, response_format="pcm",
+            extra_body=LONG_GENERATION,
+        ) as long_response:  # fmt: skip
+            first_piece = next(long_response.iter_bytes())
+            queued = pool.submit(speak, client, "wav", stream=False)
+            health = httpx.get(f"{server}/health", timeout=10).json()
+        # Leaving the block hung up on the long stream: the engine drops it and moves on.
+        queued_audio = queued.result(timeout=120)
+
+    assert first_piece
+    assert health["requests_in_progress"] >= 1  # answered while the engine was generating
+    check_audio(queued_audio, "wav", whole)
+    assert httpx.get(f"{server}/health").json()["requests_in_progress"] == 0
