@@ -1,0 +1,99 @@
+"""How the native backend stores its weight matrices and multiplies by them.
+
+At one to a few sequences a decode step is a matrix-vector product per weight matrix, so its speed
+is the speed of streaming the weights from memory. Three storages:
+
+- `HalfStoredLinear` (the exact default on x86 CPUs): the checkpoint's weights are bf16, so each
+  row, scaled by a power of two, fits fp16 exactly. FBGEMM's fp16 GEMM multiplies fp32
+  activations by those weights with fp32 products and sums, then we undo the scale (exact for a
+  power of two). The result is fp32 arithmetic on the checkpoint's values, at half the memory
+  traffic of fp32 weights. A matrix that does not fit fp16 exactly keeps fp32 storage.
+- `DynamicInt8Linear` (lossy option): int8 weights per output channel, activations quantised
+  per call (FBGEMM). Fastest, at a measured accuracy cost (README, "Performance").
+- plain `nn.Linear` in fp32 or bf16 (bf16 is the lossy option for GPUs).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+HALF_MAX_EXPONENT = 14
+"""Rows are scaled so that their largest magnitude lies in [2^14, 2^15), inside fp16's range."""
+
+
+def fbgemm_available() -> bool:
+    """FBGEMM's packed kernels exist on x86 builds of PyTorch, not on ARM or macOS."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class HalfStoredLinear(nn.Module):
+    """y = x · Wᵀ in fp32 arithmetic, with W held as exactly-representable fp16 (FBGEMM)."""
+
+    def __init__(self, packed: object, inverse_scale: Tensor | None) -> None:
+        super().__init__()
+        self.packed = packed
+        self.inverse_scale = inverse_scale
+
+    @classmethod
+    def from_weight(cls, weight: Tensor) -> HalfStoredLinear | None:
+        """Pack `weight` [out, in]; None when some value would not survive fp16 exactly."""
+        weight = weight.detach().float()
+        largest = weight.abs().amax(dim=1)
+        exponent = torch.where(largest > 0, torch.floor(torch.log2(largest)), 0)
+        scale = torch.exp2(HALF_MAX_EXPONENT - exponent)
+        scaled = weight * scale[:, None]
+        packed = torch.ops.quantized.linear_prepack_fp16(scaled, None)
+        unpacked, _ = torch.ops.quantized.linear_unpack_fp16(packed)
+        if not torch.equal(unpacked, scaled):
+            return None
+        return cls(packed, None if bool((scale == 1).all()) else 1.0 / scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return y if self.inverse_scale is None else y * self.inverse_scale
+
+
+class DynamicInt8Linear(nn.Module):
+    """int8 weights (symmetric, per output channel) × activations quantised on the fly."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        weight = weight.detach().float()
+        scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        with warnings.catch_warnings():
+            # PyTorch marks quantized tensors as deprecated; FBGEMM's int8 GEMM still needs one
+            # to pack its weights, and the packed form is all we keep.
+            warnings.simplefilter("ignore")
+            quantized = torch.quantize_per_channel(
+                weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8
+            )
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+
+
+def replace_linears(module: nn.Module, storage: str) -> dict[str, int]:
+    """Swap every nn.Linear below `module` for `storage` ('half' or 'int8'); count what was used.
+
+    'half' keeps a layer as a fp32 nn.Linear where fp16 storage would not be exact.
+    """
+    counts = {"half": 0, "int8": 0, "float32": 0}
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            replacement: nn.Module | None
+            if storage == "int8":
+                replacement = DynamicInt8Linear(child.weight)
+            else:
+                replacement = HalfStoredLinear.from_weight(child.weight)
+            if replacement is None:
+                counts["float32"] += 1
+                continue
+            counts[storage] += 1
+            setattr(parent, name, replacement)
+    return counts

@@ -1,0 +1,116 @@
+"""The native backend: our own Qwen3 forward (soprano.lm.qwen3) in a lean batched step loop.
+
+Per step it runs one forward for all active sequences against a preallocated KV cache, picks
+tokens with the shared TokenSampler, and drops finished sequences from the batch, so the work per
+step follows the number of sentences still speaking.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from soprano.checkpoint import Checkpoint
+from soprano.constants import STOP_ID
+from soprano.errors import BackendUnavailableError
+from soprano.lm.base import LanguageModel, SamplingParams, Step
+from soprano.lm.linear import fbgemm_available, replace_linears
+from soprano.lm.qwen3 import Qwen3
+from soprano.lm.sampling import TokenSampler
+
+_LOGGER = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "int8")
+
+
+class NativeLM(LanguageModel):
+    """Options (defaults measured by script/benchmark, see README "Performance"):
+
+    - dtype: 'float32' (exact: the arithmetic of the transformers backend in fp32), 'bfloat16'
+      or 'int8' (dynamic int8 quantisation, CPU only); the last two trade accuracy for speed.
+    - half_weights: on x86 CPUs, hold float32 weights as exactly-representable fp16 for FBGEMM
+      (same results, half the memory traffic). Only used with dtype 'float32'.
+    - threads: torch's intra-op threads (None leaves torch's default, one per core).
+    """
+
+    name = "native"
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        *,
+        dtype: str = "float32",
+        half_weights: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype == "int8" and (device.type != "cpu" or not fbgemm_available()):
+            raise BackendUnavailableError("dtype 'int8' needs an x86 CPU (FBGEMM)")
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+            torch.set_num_threads(threads)
+        config = checkpoint.config
+        model = Qwen3.from_hf_state(config, checkpoint.load_lm_state())
+        storage = {"int8": "int8", "float32": "half" if half_weights else None}.get(dtype)
+        if storage is not None and device.type == "cpu" and fbgemm_available():
+            counts = replace_linears(model, storage)
+            _LOGGER.debug("Native LM weight storage: %s", counts)
+        elif dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
+        self.model = model.to(device)
+        self.dtype = dtype
+        self.device = device
+        self.hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size
+
+    @torch.inference_mode()
+    def stream(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> Iterator[list[Step]]:
+        if not prompts:
+            return
+        if any(len(prompt) == 0 for prompt in prompts):
+            raise ValueError("every prompt needs at least one token")
+        count = len(prompts)
+        longest = max(len(prompt) for prompt in prompts)
+        tokens = torch.full((count, longest), STOP_ID, dtype=torch.long)
+        valid = torch.zeros(count, longest, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt) :] = torch.tensor(list(prompt))
+            valid[row, longest - len(prompt) :] = True
+        tokens, valid = tokens.to(self.device), valid.to(self.device)
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)
+
+        sampler = TokenSampler(prompts, params, self.vocab_size, self.device)
+        cache = self.model.new_cache(count, longest + params.max_new_tokens)
+        hidden = self.model(tokens, positions, cache, valid)[:, -1]
+        next_positions = positions[:, -1] + 1
+        rows = torch.arange(count, device=self.device)
+        indices = list(range(count))
+        for step in range(1, params.max_new_tokens + 1):
+            chosen = sampler(self.model.logits(hidden), rows)
+            frames = hidden.float().unbind()
+            at_limit = step == params.max_new_tokens
+            steps = []
+            kept: list[int] = []
+            for row, (index, token) in enumerate(zip(indices, chosen.tolist(), strict=True)):
+                last = at_limit or token == STOP_ID
+                steps.append(Step(index, token, frames[row], last))
+                if not last:
+                    kept.append(row)
+            yield steps
+            if not kept:
+                return
+            if len(kept) < len(indices):
+                first_moved = next((pos for pos, row in enumerate(kept) if row != pos), len(kept))
+                keep = torch.tensor(kept, device=self.device)
+                cache.keep(keep, first_moved)
+                chosen, next_positions, rows = chosen[keep], next_positions[keep], rows[keep]
+                indices = [indices[row] for row in kept]
+            hidden = self.model(chosen[:, None], next_positions[:, None], cache)[:, -1]
+            next_positions = next_positions + 1

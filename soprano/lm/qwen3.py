@@ -1,0 +1,272 @@
+"""A small Qwen3 causal LM in plain PyTorch, shaped for step-by-step batched decoding.
+
+Same arithmetic as Hugging Face's Qwen3ForCausalLM (pre-norm blocks, per-head RMSNorm on queries
+and keys, rotate-half RoPE, grouped-query attention, SwiGLU MLP), with fewer and larger kernels:
+q/k/v and gate/up are fused into one matmul each, and keys and values go into a preallocated
+cache that the whole batch shares. Rows are left-padded so that one write index serves them all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soprano.checkpoint import LMConfig
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Qwen3's RMSNorm over the last dimension, computed in float32."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def head_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of each head ([..., heads, head_dim]) with a weight row per head."""
+    return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight.float()).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half RoPE, with the sign of the rotation folded into sin.
+
+    rotate_half(x) · sin == roll(x, hd/2) · signed_sin, which saves a negation and a concat.
+    """
+
+    def __init__(self, head_dim: int, theta: float, length: int) -> None:
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        self.register_buffer("inv_freq", 1.0 / theta**exponents, persistent=False)
+        self.register_buffer("cos", torch.empty(0, head_dim), persistent=False)
+        self.register_buffer("signed_sin", torch.empty(0, head_dim), persistent=False)
+        self.reserve(length)
+
+    def reserve(self, length: int) -> None:
+        """Make the tables cover positions 0 … length−1."""
+        if length <= len(self.cos):
+            return
+        positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = positions[:, None] * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        half = angles.shape[-1] // 2
+        sin = angles.sin()
+        self.cos = angles.cos()
+        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """[B, T] positions → cos and signed sin of shape [B, T, 1, head_dim]."""
+        cos = self.cos[positions].unsqueeze(2).to(dtype)
+        sin = self.signed_sin[positions].unsqueeze(2).to(dtype)
+        return cos, sin
+
+
+def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of rows, preallocated to `capacity` positions.
+
+    Rows leave with `keep`, which moves the remaining rows to the front so that the batch stays
+    dense; `visible` marks the positions each row may attend to (not its left padding).
+    """
+
+    def __init__(
+        self,
+        config: LMConfig,
+        batch: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (
+            config.num_hidden_layers,
+            batch,
+            config.num_key_value_heads,
+            capacity,
+            config.head_dim,
+        )
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.rows = batch
+        self.length = 0
+        self.capacity = capacity
+
+    def keep(self, rows: Tensor, first_moved: int) -> None:
+        """Keep only `rows` (ascending indices), compacted to the front of the batch.
+
+        Rows before `first_moved` stay where they are, so only the rows after it are copied.
+        """
+        count = len(rows)
+        moved = rows[first_moved:]
+        if len(moved):
+            length = self.length
+            self.keys[:, first_moved:count, :, :length] = self.keys[:, moved, :, :length]
+            self.values[:, first_moved:count, :, :length] = self.values[:, moved, :, :length]
+            self.visible[first_moved:count] = self.visible[moved]
+        self.rows = count
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.eps = config.rms_norm_eps
+        width = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        self.qk_norm = nn.Parameter(torch.ones(self.heads + self.kv_heads, self.head_dim))
+        """q_norm's weight for the query heads, then k_norm's for the key heads."""
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        keys: Tensor,
+        values: Tensor,
+        start: int,
+        mask: Tensor,
+    ) -> Tensor:
+        batch, length, _ = x.shape
+        qk_heads = self.heads + self.kv_heads
+        qkv = self.qkv_proj(x).view(batch, length, qk_heads + self.kv_heads, self.head_dim)
+        qk = head_rms_norm(qkv[:, :, :qk_heads], self.qk_norm, self.eps)
+        qk = apply_rotary(qk, *rope)
+        end = start + length
+        keys[:batch, :, start:end] = qk[:, :, self.heads :].transpose(1, 2)
+        values[:batch, :, start:end] = qkv[:, :, qk_heads:].transpose(1, 2)
+        # Each key head serves `groups` query heads: fold those into the query length, so one
+        # key head attends for all of them without repeating the cache.
+        groups = self.heads // self.kv_heads
+        query = qk[:, :, : self.heads].view(batch, length, self.kv_heads, groups, self.head_dim)
+        query = query.permute(0, 2, 3, 1, 4).reshape(
+            batch, self.kv_heads, groups * length, self.head_dim
+        )
+        out = F.scaled_dot_product_attention(
+            query, keys[:batch, :, :end], values[:batch, :, :end], attn_mask=mask
+        )
+        out = out.view(batch, self.kv_heads, groups, length, self.head_dim).permute(0, 3, 1, 2, 4)
+        return self.o_proj(out.reshape(batch, length, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.input_norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.attn = Attention(config)
+        self.post_attention_norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        keys: Tensor,
+        values: Tensor,
+        start: int,
+        mask: Tensor,
+    ) -> Tensor:
+        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), rope, keys, values, start, mask)
+        return x + self.mlp(rms_norm(x, self.post_attention_norm, self.eps))
+
+
+class Qwen3(nn.Module):
+    """Token ids in, post-final-norm hidden states out; `logits` applies the LM head."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = self._new_rope(config)
+
+    @classmethod
+    def from_hf_state(cls, config: LMConfig, state: dict[str, Tensor]) -> Qwen3:
+        """Build from model.safetensors tensors (HF Qwen3 names), fusing q/k/v and gate/up."""
+        with torch.device("meta"):
+            model = cls(config)
+        own: dict[str, Tensor] = {
+            "embed_tokens.weight": state["model.embed_tokens.weight"],
+            "norm": state["model.norm.weight"],
+            "lm_head.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"]),
+        }
+        for i in range(config.num_hidden_layers):
+            hf, ours = f"model.layers.{i}.", f"layers.{i}."
+            own |= {
+                ours + "input_norm": state[hf + "input_layernorm.weight"],
+                ours + "post_attention_norm": state[hf + "post_attention_layernorm.weight"],
+                ours + "attn.qkv_proj.weight": torch.cat(
+                    [state[hf + f"self_attn.{p}_proj.weight"] for p in "qkv"]
+                ),
+                ours + "attn.o_proj.weight": state[hf + "self_attn.o_proj.weight"],
+                ours + "attn.qk_norm": torch.cat(
+                    [
+                        state[hf + "self_attn.q_norm.weight"].expand(
+                            config.num_attention_heads, -1
+                        ),
+                        state[hf + "self_attn.k_norm.weight"].expand(
+                            config.num_key_value_heads, -1
+                        ),
+                    ]
+                ),
+                ours + "mlp.gate_up_proj.weight": torch.cat(
+                    [state[hf + "mlp.gate_proj.weight"], state[hf + "mlp.up_proj.weight"]]
+                ),
+                ours + "mlp.down_proj.weight": state[hf + "mlp.down_proj.weight"],
+            }
+        model.load_state_dict({k: v.float() for k, v in own.items()}, assign=True)
+        with torch.device("cpu"):
+            model.rope = cls._new_rope(config)
+        return model.eval()
+
+    @staticmethod
+    def _new_rope(config: LMConfig) -> RotaryEmbedding:
+        return RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        self.rope.reserve(capacity)
+        return KVCache(self.config, batch, capacity, self.norm.dtype, self.norm.device)
+
+    def forward(
+        self, tokens: Tensor, positions: Tensor, cache: KVCache, valid: Tensor | None = None
+    ) -> Tensor:
+        """Run [B, T] tokens at [B, T] positions after the cache's contents; append their keys.
+
+        `valid` ([B, T] bool) marks real tokens; padding is never attended to. Returns the
+        post-final-norm hidden states [B, T, hidden_size].
+        """
+        batch, length = tokens.shape
+        start, end = cache.length, cache.length + length
+        cache.visible[:batch, start:end] = True if valid is None else valid
+        mask = cache.visible[:batch, None, None, :end]
+        if length > 1:
+            query_at = torch.arange(start, end, device=tokens.device)[:, None]
+            key_at = torch.arange(end, device=tokens.device)
+            # A padding query sees only itself, so that no softmax row is empty.
+            mask = (mask & (key_at <= query_at)) | (key_at == query_at)
+            groups = self.config.num_attention_heads // self.config.num_key_value_heads
+            mask = mask.repeat(1, 1, groups, 1)
+        x = self.embed_tokens(tokens)
+        rope = self.rope(positions, x.dtype)
+        for layer, block in enumerate(self.layers):
+            x = block(x, rope, cache.keys[layer], cache.values[layer], start, mask)
+        cache.length = end
+        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden)
