@@ -98,6 +98,9 @@ def load_tts(args: argparse.Namespace) -> SopranoTTS:
 
 
 def configure_logging(level: int) -> None:
-    """Engine messages (a sentence cut at max_new_tokens...) on standard error, one per line."""
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    """Engine messages (a sentence cut at max_new_tokens...) on standard error, one per line.
+
+    `level` applies to Soprano's own loggers; other libraries only report warnings.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("soprano").setLevel(level)

@@ -1,0 +1,336 @@
+"""`soprano-webui`: a Gradio page whose audio plays in the browser while it is being generated.
+
+Pressing Speak starts a job on the one engine thread; the page gets an `<audio>` element whose
+source is this server's `speech/<job>.mp3`, an MP3 stream that grows as the engine produces audio
+(the browser starts playing after the first few tokens). When the job ends, the page shows how
+much audio was made and how fast. No ffmpeg is needed: the MP3 is encoded with LAME in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from soprano.constants import SAMPLE_RATE
+from soprano.encoding import FORMATS, stream_encoder
+from soprano.errors import SopranoError
+from soprano.frontend import (
+    add_model_arguments,
+    add_sampling_arguments,
+    configure_logging,
+    load_tts,
+)
+from soprano.tts import SopranoTTS
+
+PROG = "soprano-webui"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+SPEECH_PATH = "speech"
+"""Route of the MP3 streams, relative to the page so that it also works behind a path prefix."""
+JOBS_KEPT = 8
+"""Finished streams stay replayable until this many newer ones exist."""
+STREAM_FORMAT = FORMATS["mp3"]
+"""Every browser plays an MP3 that is still downloading."""
+
+EXAMPLES = [
+    "Soprano is an extremely lightweight text to speech model.",
+    "The quick brown fox jumps over the lazy dog, then takes a well deserved nap.",
+    "On March 3rd, 2025, the 42 runners finished the race in 3 hours and 15 minutes.",
+    "Streaming starts the audio after just a few tokens, long before the text is done.",
+]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    seed: int | None
+    max_new_tokens: int
+    chunk_size: int
+
+
+class SpeechJob:
+    """One generation: its MP3 bytes, readable from the start while they grow, and its figures."""
+
+    def __init__(self, text: str, sampling: Sampling) -> None:
+        self.id = uuid.uuid4().hex
+        self.text = text
+        self.sampling = sampling
+        self.audio_seconds = 0.0
+        self.generation_seconds = 0.0
+        self.first_audio_seconds: float | None = None
+        self.error: str | None = None
+        self._data = bytearray()
+        self._done = False
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, tts: SopranoTTS) -> None:
+        """Generate on the engine thread, appending MP3 as the audio comes."""
+        try:
+            if not self._stop.is_set():
+                self._generate(tts)
+        except (SopranoError, ValueError) as error:
+            self.error = str(error)
+        finally:
+            with self._changed:
+                self._done = True
+                self._changed.notify_all()
+
+    def _generate(self, tts: SopranoTTS) -> None:
+        encoder = stream_encoder(STREAM_FORMAT.name)
+        started = time.perf_counter()
+        chunks = tts.infer_stream(
+            self.text,
+            self.sampling.chunk_size,
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            repetition_penalty=self.sampling.repetition_penalty,
+            seed=self.sampling.seed,
+            max_new_tokens=self.sampling.max_new_tokens,
+        )
+        try:
+            for chunk in chunks:
+                if self.first_audio_seconds is None:
+                    self.first_audio_seconds = time.perf_counter() - started
+                encoder.write(chunk)
+                self._append(encoder.take())
+                if self._stop.is_set():
+                    break
+            self._append(encoder.finish())
+        finally:
+            chunks.close()
+            self.generation_seconds = time.perf_counter() - started
+            self.audio_seconds = encoder.samples_written / SAMPLE_RATE
+
+    def _append(self, data: bytes) -> None:
+        if data:
+            with self._changed:
+                self._data += data
+                self._changed.notify_all()
+
+    def wait(self) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._done)
+
+    def read(self) -> Iterator[bytes]:
+        """The MP3 from its first byte, following it until the job ends."""
+        offset = 0
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda start=offset: self._done or len(self._data) > start)
+                data = bytes(self._data[offset:])
+                done = self._done
+            offset += len(data)
+            if data:
+                yield data
+            elif done:
+                return
+
+    def summary(self) -> str:
+        if self.error is not None:
+            return f"Error: {self.error}"
+        if self._stop.is_set():
+            return f"Stopped after {self.audio_seconds:.2f} s of audio."
+        speed = self.audio_seconds / max(self.generation_seconds, 1e-9)
+        first = (
+            f"; first audio after {self.first_audio_seconds:.2f} s"
+            if self.first_audio_seconds is not None
+            else ""
+        )
+        return (
+            f"{self.audio_seconds:.2f} s of audio in {self.generation_seconds:.2f} s "
+            f"({speed:.1f}× real time){first}"
+        )
+
+
+class SpeechService:
+    """The engine, its one worker thread, and the recent jobs the browser may fetch."""
+
+    def __init__(self, tts: SopranoTTS) -> None:
+        self._tts = tts
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soprano-engine")
+        self._jobs: OrderedDict[str, SpeechJob] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, text: str, sampling: Sampling) -> SpeechJob:
+        job = SpeechJob(text, sampling)
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > JOBS_KEPT:
+                self._jobs.popitem(last=False)
+        self._executor.submit(job.run, self._tts)
+        return job
+
+    def get(self, job_id: str) -> SpeechJob | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def stream_route(self) -> Route:
+        def speech(request: Request) -> Response:
+            job = self.get(request.path_params["job_id"])
+            if job is None:
+                return PlainTextResponse("No such speech (it may have expired).", status_code=404)
+            return StreamingResponse(
+                job.read(),
+                media_type=STREAM_FORMAT.media_type,
+                headers={"Cache-Control": "no-store"},
+            )
+
+        return Route(f"/{SPEECH_PATH}/{{job_id}}.mp3", speech)
+
+
+def player_html(job: SpeechJob) -> str:
+    source = html.escape(f"{SPEECH_PATH}/{job.id}.{STREAM_FORMAT.name}")
+    return (
+        f'<audio id="soprano-player" controls autoplay preload="auto" src="{source}" '
+        'style="width: 100%"></audio>'
+    )
+
+
+def build_demo(service: SpeechService, defaults: argparse.Namespace) -> gr.Blocks:
+    """The page: text, sampling controls, examples, the streaming player and its figures."""
+
+    def speak(
+        text: str,
+        temperature: float,
+        top_p: float,
+        repetition_penalty: float,
+        seed: float | None,
+        chunk_size: float,
+        previous_id: str | None,
+    ) -> tuple[str, str, str]:
+        if not text.strip():
+            raise gr.Error("Type some text to speak first.")
+        previous = service.get(previous_id) if previous_id else None
+        if previous is not None:
+            previous.stop()
+        sampling = Sampling(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            repetition_penalty=float(repetition_penalty),
+            seed=None if seed is None else int(seed),
+            max_new_tokens=defaults.max_new_tokens,
+            chunk_size=int(chunk_size),
+        )
+        job = service.start(text, sampling)
+        return player_html(job), job.id, "Generating…"
+
+    def report(job_id: str) -> str:
+        job = service.get(job_id)
+        if job is None:
+            return ""
+        job.wait()
+        return job.summary()
+
+    def stop(job_id: str | None) -> None:
+        job = service.get(job_id) if job_id else None
+        if job is not None:
+            job.stop()
+
+    with gr.Blocks(title="Soprano TTS", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# Soprano TTS\nType text and press **Speak**: the audio plays here while it is "
+            "being generated."
+        )
+        text = gr.Textbox(label="Text", lines=4, placeholder="What should Soprano say?")
+        with gr.Row():
+            speak_button = gr.Button("Speak", variant="primary")
+            stop_button = gr.Button("Stop")
+        player = gr.HTML(elem_id="soprano-audio")
+        status = gr.Markdown(elem_id="soprano-status")
+        job_id = gr.State(None)
+        with gr.Accordion("Sampling", open=False):
+            temperature = gr.Slider(
+                0, 1, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)"
+            )
+            top_p = gr.Slider(0.5, 1, value=defaults.top_p, step=0.01, label="Top-p")
+            repetition_penalty = gr.Slider(
+                1, 2, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"
+            )
+            seed = gr.Number(
+                value=defaults.seed, precision=0, label="Seed (empty: different every time)"
+            )
+            chunk_size = gr.Slider(
+                1, 10, value=1, step=1, label="Streaming chunk size (tokens; 1 starts soonest)"
+            )
+        gr.Examples(EXAMPLES, inputs=[text])
+        gr.Markdown(
+            "Tips: write numbers and symbols as you want them read; one voice, English only. "
+            "Model: [Soprano](https://huggingface.co/ekwek/Soprano-1.1-80M)."
+        )
+
+        inputs = [text, temperature, top_p, repetition_penalty, seed, chunk_size, job_id]
+        speak_button.click(speak, inputs, [player, job_id, status]).then(
+            report, [job_id], [status], concurrency_limit=None
+        )
+        stop_button.click(stop, [job_id], None, queue=False)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="A web page that speaks with Soprano, streaming to the browser."
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"(default: {DEFAULT_HOST})")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"(default: the first free one from {DEFAULT_PORT})",
+    )
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.INFO)
+    try:
+        stream_encoder(STREAM_FORMAT.name)
+        tts = load_tts(args)
+    except (SopranoError, ValueError, OSError) as error:
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    service = SpeechService(tts)
+    demo = build_demo(service, args)
+    app_kwargs: dict[str, Any] = {"routes": [service.stream_route()]}
+    demo.queue().launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        prevent_thread_lock=True,
+        app_kwargs=app_kwargs,
+        quiet=True,
+    )
+    print(f"{PROG}: serving on {demo.local_url}", file=sys.stderr)
+    if demo.share_url:
+        print(f"{PROG}: public link {demo.share_url}", file=sys.stderr)
+    sys.stderr.flush()
+    demo.block_thread()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
