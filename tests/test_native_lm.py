@@ -1,0 +1,186 @@
+"""The native backend computes what the transformers backend computes, step for step.
+
+Greedy fp32 decoding must give the same tokens and hidden states within 1e-4, alone, in batches
+whose sequences end at different steps (so finished rows leave the batch), and through `stream`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from soprano.checkpoint import Checkpoint
+from soprano.constants import STOP_ID
+from soprano.lm import SamplingParams, load_language_model
+from soprano.lm.base import Generation, LanguageModel, Step
+from soprano.lm.linear import HalfStoredLinear, fbgemm_available, replace_linears
+from soprano.lm.native import NativeLM
+from soprano.lm.transformers import TransformersLM
+from soprano.tokenizer import PromptTokenizer
+
+MAX_TOKENS = 24
+SENTENCES = [
+    "soprano speaks quickly",
+    "the quick brown fox jumps over the lazy dog.",
+    "what?",
+    "one two three four five six seven eight nine ten, and then some more words here.",
+    "it is thirteen past nine.",
+    "x",
+]
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=MAX_TOKENS)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint: Path) -> Checkpoint:
+    return Checkpoint.from_folder(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def prompts(checkpoint: Checkpoint) -> list[list[int]]:
+    tokenizer = PromptTokenizer(checkpoint.tokenizer_path)
+    return [tokenizer.encode(sentence) for sentence in SENTENCES]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Checkpoint) -> TransformersLM:
+    return TransformersLM(checkpoint, CPU)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["half-weights", "fp32-weights"])
+def native(request: pytest.FixtureRequest, checkpoint: Checkpoint) -> NativeLM:
+    return NativeLM(checkpoint, CPU, half_weights=request.param)
+
+
+def assert_same_generations(ours: list[Generation], theirs: list[Generation]) -> None:
+    assert len(ours) == len(theirs)
+    for mine, other in zip(ours, theirs, strict=True):
+        assert mine.tokens == other.tokens
+        assert mine.finish_reason == other.finish_reason
+        torch.testing.assert_close(mine.hidden, other.hidden, atol=1e-4, rtol=0)
+
+
+def collect(
+    lm: LanguageModel, prompts: list[list[int]], params: SamplingParams
+) -> list[list[Step]]:
+    return list(lm.stream(prompts, params))
+
+
+def test_auto_picks_native_on_cpu(checkpoint: Checkpoint):
+    assert isinstance(load_language_model("auto", checkpoint, CPU, 100), NativeLM)
+
+
+def test_half_weights_are_used_where_fbgemm_exists(checkpoint: Checkpoint):
+    lm = NativeLM(checkpoint, CPU)
+    kinds = {type(module) for module in lm.model.modules()}
+    assert (HalfStoredLinear in kinds) == fbgemm_available()
+    assert torch.nn.Linear not in kinds or not fbgemm_available()
+
+
+def test_single_prompt_matches_transformers(native, reference, prompts):
+    prompt = prompts[3]
+    (ours,) = native.generate([prompt], GREEDY)
+    assert len(ours.tokens) > 1
+    assert_same_generations([ours], reference.generate([prompt], GREEDY))
+
+
+def test_batch_matches_transformers(native, reference, prompts):
+    ours = native.generate(prompts, GREEDY)
+    # The batch must exercise rows leaving early: different lengths, both finish reasons.
+    lengths = [len(generation.tokens) for generation in ours]
+    assert len(set(lengths)) >= 3
+    assert {g.finish_reason for g in ours} == {"stop", "length"}
+    assert len({len(prompt) for prompt in prompts}) == len(prompts)
+    assert_same_generations(ours, reference.generate(prompts, GREEDY))
+
+
+def test_batch_equals_each_prompt_alone(native, prompts):
+    together = native.generate(prompts, GREEDY)
+    alone = [native.generate([prompt], GREEDY)[0] for prompt in prompts]
+    for joint, single in zip(together, alone, strict=True):
+        assert joint.tokens == single.tokens
+        torch.testing.assert_close(joint.hidden, single.hidden, atol=1e-5, rtol=0)
+
+
+def test_stream_matches_transformers_step_by_step(native, reference, prompts):
+    ours, theirs = collect(native, prompts, GREEDY), collect(reference, prompts, GREEDY)
+    assert len(ours) == len(theirs) == MAX_TOKENS
+    for mine, other in zip(ours, theirs, strict=True):
+        assert [(s.index, s.token, s.last) for s in mine] == [
+            (s.index, s.token, s.last) for s in other
+        ]
+        for my_step, other_step in zip(mine, other, strict=True):
+            assert my_step.hidden.dtype == torch.float32
+            torch.testing.assert_close(my_step.hidden, other_step.hidden, atol=1e-4, rtol=0)
+
+
+def test_stream_ends_each_sequence_once(native, prompts):
+    ended: set[int] = set()
+    for number, steps in enumerate(native.stream(prompts, GREEDY), start=1):
+        assert steps, "a step with no active sequence"
+        assert [s.index for s in steps] == sorted(set(range(len(prompts))) - ended)
+        for step in steps:
+            assert step.last == (step.token == STOP_ID or number == MAX_TOKENS)
+            if step.last:
+                ended.add(step.index)
+    assert ended == set(range(len(prompts)))
+
+
+def test_sampling_matches_transformers(native, reference, prompts):
+    params = SamplingParams(
+        temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=7, max_new_tokens=MAX_TOKENS
+    )
+    assert_same_generations(native.generate(prompts, params), reference.generate(prompts, params))
+
+
+def test_one_token_and_no_prompts(native, prompts):
+    steps = collect(native, prompts, SamplingParams(temperature=0.0, max_new_tokens=1))
+    assert len(steps) == 1
+    assert [s.index for s in steps[0]] == list(range(len(prompts)))
+    assert all(s.last for s in steps[0])
+    assert collect(native, [], GREEDY) == []
+    with pytest.raises(ValueError, match="at least one token"):
+        collect(native, [[]], GREEDY)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_lossy_dtypes_stay_close(checkpoint, reference, prompts, dtype):
+    """The lossy options run the same model: the first states agree to within their precision.
+
+    (A wrong computation is off by ~100%; the tiny model's narrow layers quantise coarsely.)
+    """
+    if dtype == "int8" and not fbgemm_available():
+        pytest.skip("int8 needs FBGEMM (x86)")
+    lossy = NativeLM(checkpoint, CPU, dtype=dtype)
+    params = SamplingParams(temperature=0.0, max_new_tokens=1)
+    (ours,), (theirs,) = collect(lossy, prompts, params), collect(reference, prompts, params)
+    for mine, other in zip(ours, theirs, strict=True):
+        error = (mine.hidden - other.hidden).norm() / other.hidden.norm()
+        assert error < 0.15
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="fp16 weight storage needs FBGEMM (x86)")
+def test_half_storage_is_exact_or_refused():
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(64, 96, generator=generator) / 24).bfloat16().float()
+    weight[3, :5] = torch.tensor([1e-7, -3e-6, 2.5e-8, 0.0, 1e-5]).bfloat16().float()
+    layer = HalfStoredLinear.from_weight(weight)
+    x = torch.randn(5, 96, generator=generator)
+    torch.testing.assert_close(layer(x), x @ weight.T, atol=1e-6, rtol=1e-6)
+
+    wide = weight.clone()
+    wide[0, 0], wide[0, 1] = 1e-30, 1.0
+    assert HalfStoredLinear.from_weight(wide) is None
+    model = torch.nn.Sequential(torch.nn.Linear(96, 64, bias=False))
+    model[0].weight.data = wide
+    assert replace_linears(model, "half") == {"half": 0, "int8": 0, "float32": 1}
+    assert isinstance(model[0], torch.nn.Linear)
+
+
+def test_bad_options(checkpoint):
+    with pytest.raises(ValueError, match="dtype"):
+        NativeLM(checkpoint, CPU, dtype="float64")
+    with pytest.raises(ValueError, match="threads"):
+        NativeLM(checkpoint, CPU, threads=0)
