@@ -83,7 +83,8 @@ class ZeroconfAnnouncer:
 
     async def register(self) -> None:
         self._zeroconf = AsyncZeroconf()
-        await self._zeroconf.async_register_service(self.info, allow_name_change=True)
+        # The first await registers the record, the second waits until it has been announced.
+        await (await self._zeroconf.async_register_service(self.info, allow_name_change=True))
         _LOGGER.info(
             "Announced %s at %s:%d", self.info.name, self.info.parsed_addresses()[0], self.info.port
         )
@@ -91,7 +92,7 @@ class ZeroconfAnnouncer:
     async def unregister(self) -> None:
         if self._zeroconf is None:
             return
-        await self._zeroconf.async_unregister_service(self.info)
+        await (await self._zeroconf.async_unregister_service(self.info))  # goodbyes sent
         await self._zeroconf.async_close()
         self._zeroconf = None
         _LOGGER.info("Withdrew the zeroconf announcement")
