@@ -102,5 +102,7 @@ def configure_logging(level: int) -> None:
 
     `level` applies to Soprano's own loggers; other libraries only report warnings.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(logging.WARNING, level), format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("soprano").setLevel(level)
