@@ -25,7 +25,6 @@ from wyoming.tts import (
     SynthesizeStart,
     SynthesizeStop,
     SynthesizeStopped,
-    SynthesizeTextFormat,
 )
 
 from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH
@@ -37,6 +36,8 @@ from wyoming_soprano.synthesis import AudioJob, SynthesisError, Synthesizer
 _LOGGER = logging.getLogger(__name__)
 
 CHANNELS = 1
+PLAIN_TEXT = "text"
+"""The only `text_format` accepted (wyoming ≥ 1.10 clients may also send "ssml")."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class SopranoEventHandler(AsyncEventHandler):
 
     def _check_options(self, data: dict[str, Any]) -> None:
         text_format = data.get("text_format")
-        if text_format not in (None, SynthesizeTextFormat.TEXT.value):
+        if text_format not in (None, PLAIN_TEXT):
             raise RequestError(
                 f"text_format {text_format!r} is not supported; send plain text",
                 "UnsupportedTextFormat",

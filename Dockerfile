@@ -1,0 +1,40 @@
+# Wyoming text-to-speech server for Soprano: port 10200, models downloaded to and cached in /data.
+#   docker build -t wyoming-soprano .
+#   docker run -it -p 10200:10200 -v /path/to/data:/data wyoming-soprano [server arguments]
+FROM python:3.11-slim-bookworm
+
+# CPU wheels by default. For an NVIDIA GPU, build with a CUDA index, e.g.
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
+# and run with --gpus all (the server picks CUDA when it is there, or pass --device cuda).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/data/.huggingface
+
+WORKDIR /usr/src
+
+# torch first and from its own index: from PyPI it would bring gigabytes of CUDA libraries.
+RUN python -m venv .venv \
+    && .venv/bin/pip install --upgrade pip setuptools wheel \
+    && .venv/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+
+COPY setup.cfg pyproject.toml README.md ./
+COPY soprano ./soprano
+COPY wyoming_soprano ./wyoming_soprano
+RUN .venv/bin/pip install ".[wyoming]"
+
+COPY docker_run.sh ./
+
+VOLUME /data
+EXPOSE 10200
+
+# A describe round trip, not just an open port. The first start downloads the model before the
+# server listens, hence the long start period.
+HEALTHCHECK --start-period=10m --interval=30s --timeout=20s --retries=3 \
+    CMD ["/usr/src/.venv/bin/python", "-m", "wyoming_soprano.health_check", \
+         "--uri", "tcp://127.0.0.1:10200"]
+
+ENTRYPOINT ["bash", "/usr/src/docker_run.sh"]
