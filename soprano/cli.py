@@ -20,7 +20,7 @@ import torch
 
 from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE
-from soprano.encoding import format_for_path, stream_encoder, write_audio
+from soprano.encoding import format_for_path, require_encoder, write_audio
 from soprano.errors import SopranoError
 from soprano.frontend import (
     add_model_arguments,
@@ -123,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError("the text has nothing to speak")
     output = args.output or (None if args.stream or args.play else DEFAULT_OUTPUT)
     if output is not None:
-        stream_encoder(format_for_path(output).name)  # the encoder's library, checked up front
+        require_encoder(format_for_path(output).name)
     if args.stream and sys.stdout.isatty():
         raise CliError(
             "--stream writes raw PCM; pipe it into a player, e.g. "

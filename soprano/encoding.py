@@ -51,6 +51,8 @@ class AudioFormat:
     media_type: str
     suffixes: tuple[str, ...]
     library: str
+    modules: tuple[str, ...] = ()
+    """Python packages its encoder imports."""
 
 
 FORMATS: dict[str, AudioFormat] = {
@@ -58,9 +60,15 @@ FORMATS: dict[str, AudioFormat] = {
     for fmt in (
         AudioFormat("wav", "audio/wav", (".wav",), "Python standard library"),
         AudioFormat("pcm", "audio/pcm", (".pcm", ".raw"), "Python standard library"),
-        AudioFormat("flac", "audio/flac", (".flac",), "libsndfile (soundfile)"),
-        AudioFormat("mp3", "audio/mpeg", (".mp3",), "LAME (lameenc)"),
-        AudioFormat("opus", "audio/ogg", (".opus", ".ogg"), "libsndfile (soundfile) and soxr"),
+        AudioFormat("flac", "audio/flac", (".flac",), "libsndfile (soundfile)", ("soundfile",)),
+        AudioFormat("mp3", "audio/mpeg", (".mp3",), "LAME (lameenc)", ("lameenc",)),
+        AudioFormat(
+            "opus",
+            "audio/ogg",
+            (".opus", ".ogg"),
+            "libsndfile (soundfile) and soxr",
+            ("soundfile", "soxr"),
+        ),
     )
 }
 
@@ -73,6 +81,14 @@ def audio_format(name: str) -> AudioFormat:
         raise ValueError(
             f"unknown audio format {name!r}; choose one of {', '.join(FORMATS)}"
         ) from None
+
+
+def require_encoder(name: str) -> AudioFormat:
+    """The format, once its encoder's packages import (else EncoderUnavailableError)."""
+    fmt = audio_format(name)
+    for module in fmt.modules:
+        _import(module, fmt)
+    return fmt
 
 
 def format_for_path(path: str | os.PathLike[str]) -> AudioFormat:

@@ -36,7 +36,13 @@ from soprano.constants import (
     SAMPLE_RATE,
     TOKEN_SAMPLES,
 )
-from soprano.encoding import FORMATS, AudioEncoder, encode_audio, stream_encoder
+from soprano.encoding import (
+    FORMATS,
+    AudioEncoder,
+    encode_audio,
+    require_encoder,
+    stream_encoder,
+)
 from soprano.errors import SopranoError
 from soprano.frontend import add_model_arguments, configure_logging, load_tts
 from soprano.text import prepare_text
@@ -256,9 +262,8 @@ def create_app(tts: SopranoTTS, model_name: str, max_input_chars: int = MAX_INPU
     )
     async def create_speech(request: SpeechRequest) -> Response:
         streamed = _check(request, max_input_chars)
-        fmt = FORMATS[request.response_format]
         try:
-            stream_encoder(fmt.name)
+            fmt = require_encoder(request.response_format)
         except SopranoError as error:
             raise ApiError(400, str(error), "response_format") from error
         headers = {"Content-Disposition": f'attachment; filename="speech.{fmt.name}"'}

@@ -27,7 +27,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from soprano.constants import SAMPLE_RATE
-from soprano.encoding import FORMATS, stream_encoder
+from soprano.encoding import FORMATS, require_encoder, stream_encoder
 from soprano.errors import SopranoError
 from soprano.frontend import (
     add_model_arguments,
@@ -46,6 +46,8 @@ JOBS_KEPT = 8
 """Finished streams stay replayable until this many newer ones exist."""
 STREAM_FORMAT = FORMATS["mp3"]
 """Every browser plays an MP3 that is still downloading."""
+
+_LOGGER = logging.getLogger(__name__)
 
 EXAMPLES = [
     "Soprano is an extremely lightweight text to speech model.",
@@ -91,6 +93,9 @@ class SpeechJob:
                 self._generate(tts)
         except (SopranoError, ValueError) as error:
             self.error = str(error)
+        except Exception as error:
+            _LOGGER.exception("Generation failed")
+            self.error = f"generation failed: {error}"
         finally:
             with self._changed:
                 self._done = True
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO)
     try:
-        stream_encoder(STREAM_FORMAT.name)
+        require_encoder(STREAM_FORMAT.name)
         tts = load_tts(args)
     except (SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
