@@ -16,9 +16,6 @@ from soprano.constants import (
 from soprano.lm import BACKENDS
 from soprano.tts import SopranoTTS
 
-DEFAULT_CACHE_SIZE_MB = 100
-"""lmdeploy's KV-cache budget, the engine's default."""
-
 SAMPLING_OPTIONS = ("temperature", "top_p", "repetition_penalty", "seed", "max_new_tokens")
 """The keyword arguments of SopranoTTS.infer/infer_stream that the sampling options fill."""
 
@@ -42,16 +39,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cache-size",
         type=int,
-        default=DEFAULT_CACHE_SIZE_MB,
         metavar="MB",
-        help=f"lmdeploy KV-cache size (default: {DEFAULT_CACHE_SIZE_MB})",
+        help="lmdeploy KV-cache size (default: the engine's)",
     )
     group.add_argument(
         "--decoder-batch-size",
         type=int,
-        default=1,
         metavar="N",
-        help="sentences decoded together (default: 1)",
+        help="sentences decoded together (default: the engine's)",
     )
 
 
@@ -88,12 +83,12 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_tts(args: argparse.Namespace) -> SopranoTTS:
     """The engine the model options describe; errors are SopranoError or ValueError."""
+    sizes = {"cache_size_mb": args.cache_size, "decoder_batch_size": args.decoder_batch_size}
     return SopranoTTS(
         backend=args.backend,
         device=args.device,
-        cache_size_mb=args.cache_size,
-        decoder_batch_size=args.decoder_batch_size,
         model_path=args.model,
+        **{name: value for name, value in sizes.items() if value is not None},
     )
 
 

@@ -127,8 +127,9 @@ def test_progress_bar_on_a_terminal_counts_sentences_and_audio(
     assert code == 0
     last_line = terminal.decode().replace("\r\n", "\n").split("\r")[-1]
     seconds = EXPECTED_SAMPLES / SAMPLE_RATE
+    bar = "#" * cli.PROGRESS_BAR_WIDTH
     assert last_line.startswith(
-        f"[{'#' * 24}] {SENTENCES}/{SENTENCES} sentences | {seconds:.1f} s audio | "
+        f"[{bar}] {SENTENCES}/{SENTENCES} sentences | {seconds:.1f} s audio | "
     )
     assert last_line.endswith("x real time\n")
     decoded, rate = soundfile.read(tmp_path / "speech.mp3", dtype="int16")
