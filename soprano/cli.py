@@ -129,6 +129,8 @@ def _run(args: argparse.Namespace) -> int:
             "--stream writes raw PCM; pipe it into a player, e.g. "
             f"| aplay -r {SAMPLE_RATE} -f S16_LE -c 1"
         )
+    if args.retries and (args.stream or args.play):
+        raise CliError("--retries works for file output only: streamed audio cannot be taken back")
     player = _open_player() if args.play else None
 
     tts = load_tts(args)
@@ -140,7 +142,8 @@ def _run(args: argparse.Namespace) -> int:
             for chunk in _stream(tts, sentences, args, progress):
                 if not sink(chunk):
                     break
-                pieces.append(chunk)
+                if output is not None:
+                    pieces.append(chunk)
         else:
             pieces = list(_generate(tts, sentences, args, progress))
     finally:

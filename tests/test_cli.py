@@ -184,6 +184,9 @@ def test_no_text_on_a_terminal_says_where_text_comes_from(tmp_path: Path) -> Non
         (["--file", "/nonexistent/text.txt"],
          "soprano: error: no such file: /nonexistent/text.txt"),
         (["..."], "soprano: error: the text has nothing to speak"),
+        (["--stream", "--retries", "1", "Hello."],
+         "soprano: error: --retries works for file output only: streamed audio cannot be taken "
+         "back"),
         (["--temperature", "-1", "--model", "{checkpoint}", "Hello."],
          "soprano: error: temperature must be a finite number >= 0, got -1.0"),
         (["--play", "--model", "{checkpoint}", "Hello."],
