@@ -201,7 +201,7 @@ class SpeechService:
                 headers={"Cache-Control": "no-store"},
             )
 
-        return Route(f"/{SPEECH_PATH}/{{job_id}}.mp3", speech)
+        return Route(f"/{SPEECH_PATH}/{{job_id}}.{STREAM_FORMAT.name}", speech)
 
 
 def player_html(job: SpeechJob) -> str:
