@@ -27,7 +27,7 @@ import pytest
 from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.event import Event, async_read_event, async_write_event
+from wyoming.event import Event, async_read_event, read_event, write_event
 from wyoming.info import Describe, Info
 from wyoming.tts import (
     Synthesize,
@@ -73,24 +73,20 @@ T = TypeVar("T")
 
 
 class ServerProcess:
-    """`python -m wyoming_soprano` as a subprocess; its stderr is kept for log assertions."""
+    """`python -m wyoming_soprano` as a subprocess; its stderr is kept for log assertions.
 
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
+    On TCP it listens on a free loopback port; with `stdio` its stdin and stdout are the pipes.
+    """
+
+    def __init__(self, *args: str, stdio: bool = False) -> None:
+        self.port = 0 if stdio else free_port()
+        uri = "stdio://" if stdio else f"tcp://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wyoming_soprano",
-                "--uri",
-                f"tcp://127.0.0.1:{self.port}",
-                *args,
-            ],
+            [sys.executable, "-m", "wyoming_soprano", "--uri", uri, *args],
             cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdio else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
         )
         self._lines: list[str] = []
         self._log_ended = False
@@ -101,7 +97,7 @@ class ServerProcess:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             with self._log_changed:
-                self._lines.append(line.rstrip("\n"))
+                self._lines.append(line.decode(errors="replace").rstrip("\n"))
                 self._log_changed.notify_all()
         with self._log_changed:
             self._log_ended = True
@@ -123,11 +119,15 @@ class ServerProcess:
             found = sum(text in line for line in self._lines)
         assert found >= count, f"{text!r} logged {found}×, expected {count}×:\n{self.log}"
 
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM, as Docker sends it; returns the exit code and stdout."""
-        self.process.send_signal(signal.SIGTERM)
-        stdout, _ = self.process.communicate(timeout=EVENT_TIMEOUT)
-        return self.process.returncode, stdout
+    def stop(self) -> tuple[int, bytes]:
+        """SIGTERM, as Docker sends it, unless it has exited; returns exit code and stdout."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        assert self.process.stdout is not None
+        stdout = self.process.stdout.read()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        return self.process.wait(timeout=EVENT_TIMEOUT), stdout
 
 
 def free_port() -> int:
@@ -154,16 +154,19 @@ def servers(tiny_checkpoint: Path) -> Iterator[dict[str, ServerProcess]]:
             *model,
             *("--temperature", "1.0", "--seed", "3", "--max-new-tokens", "400", "--debug"),
         ),
+        "stdio": ServerProcess(
+            *model, *("--max-new-tokens", str(MAX_NEW_TOKENS), "--no-streaming"), stdio=True
+        ),
     }
     try:
         for server in started.values():
-            server.wait_for_log("Ready on tcp://", timeout=STARTUP_TIMEOUT)
+            server.wait_for_log("Ready on ", timeout=STARTUP_TIMEOUT)
         yield started
     finally:
         for name, server in started.items():
             returncode, stdout = server.stop()
             assert returncode == 0, f"{name} server exited with {returncode}:\n{server.log}"
-            assert stdout == "", "logs belong on stderr"
+            assert stdout == b"", "logs belong on stderr, events were all read"
             assert "Traceback" not in server.log, server.log
 
 
@@ -175,6 +178,11 @@ def server(servers: dict[str, ServerProcess]) -> ServerProcess:
 @pytest.fixture(scope="module")
 def busy_server(servers: dict[str, ServerProcess]) -> ServerProcess:
     return servers["busy"]
+
+
+@pytest.fixture(scope="module")
+def stdio_server(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["stdio"]
 
 
 @pytest.fixture(scope="module")
@@ -591,56 +599,34 @@ def test_client_leaving_mid_stream_stops_its_generation_and_others_are_served(
 
 
 def test_stdio_server_without_streaming_flag_still_handles_streams(
-    tiny_checkpoint: Path, engine: SopranoTTS
+    stdio_server: ServerProcess, engine: SopranoTTS
 ) -> None:
     """stdio:// with --no-streaming: streaming is not advertised, but a stream still works."""
+    process = stdio_server.process
+    assert process.stdin is not None and process.stdout is not None
 
-    async def scenario() -> tuple[Event, list[Event], list[Event], int, bytes]:
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "wyoming_soprano", "--uri", "stdio://", "--no-streaming"),
-            *("--model", str(tiny_checkpoint), "--device", "cpu"),
-            *("--max-new-tokens", str(MAX_NEW_TOKENS)),
-            cwd=REPO_ROOT,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        assert process.stdin is not None and process.stdout is not None
-        assert process.stderr is not None
+    def read_through(last_type: str) -> list[Event]:
+        events: list[Event] = []
+        while not events or events[-1].type != last_type:
+            event = read_event(process.stdout)
+            assert event is not None, stdio_server.log
+            events.append(event)
+        return events
 
-        async def read() -> Event:
-            event = await asyncio.wait_for(async_read_event(process.stdout), STARTUP_TIMEOUT)
-            assert event is not None
-            return event
+    write_event(Describe().event(), process.stdin)
+    [info] = read_through("info")
+    write_event(Synthesize(TEXT).event(), process.stdin)
+    one_shot = read_through("audio-stop")
+    for event in (SynthesizeStart(), SynthesizeChunk(TEXT), SynthesizeStop()):
+        write_event(event.event(), process.stdin)
+    stream = read_through("synthesize-stopped")
+    process.stdin.close()  # the end of stdin ends the server
+    assert process.wait(timeout=EVENT_TIMEOUT) == 0, stdio_server.log
 
-        async def read_through(last_type: str) -> list[Event]:
-            events = [await read()]
-            while events[-1].type != last_type:
-                events.append(await read())
-            return events
-
-        await async_write_event(Describe().event(), process.stdin)
-        info = await read()
-        await async_write_event(Synthesize(TEXT).event(), process.stdin)
-        one_shot = await read_through("audio-stop")
-        await async_write_event(SynthesizeStart().event(), process.stdin)
-        await async_write_event(SynthesizeChunk(TEXT).event(), process.stdin)
-        await async_write_event(SynthesizeStop().event(), process.stdin)
-        stream = await read_through("synthesize-stopped")
-        process.stdin.close()
-        remaining = await asyncio.wait_for(process.stdout.read(), EVENT_TIMEOUT)
-        log = await asyncio.wait_for(process.stderr.read(), EVENT_TIMEOUT)
-        returncode = await asyncio.wait_for(process.wait(), EVENT_TIMEOUT)
-        assert b"Traceback" not in log, log.decode()
-        return info, one_shot, stream, returncode, remaining
-
-    info, one_shot, stream, returncode, remaining = run(scenario())
     assert Info.from_event(info).tts[0].supports_synthesize_streaming is False
     expected = reference_pcm(engine, TEXT)
     assert audio_cycles(one_shot, TOKEN_SAMPLES) == [expected]
     assert b"".join(audio_cycles(stream, TOKEN_SAMPLES)) == expected
-    assert returncode == 0
-    assert remaining == b"", "stdout carries events only"
 
 
 def test_missing_model_offline_is_one_clear_error_and_a_nonzero_exit(tmp_path: Path) -> None:
