@@ -6,11 +6,21 @@ The sub-steps run in the spec's order; each one rewrites digits into a form that
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import TYPE_CHECKING
 
-import inflect
+if TYPE_CHECKING:
+    import inflect
 
-_INFLECT = inflect.engine()
+
+@functools.cache
+def _inflect() -> inflect.engine:
+    """inflect takes seconds to import, so only text that has numbers pays for it."""
+    import inflect
+
+    return inflect.engine()
+
 
 MAX_SPOKEN_DIGITS = 36
 """inflect names numbers up to 36 digits; longer digit runs are read one digit at a time."""
@@ -65,7 +75,7 @@ def normalize_numbers(text: str) -> str:
     text = _DIVIDE.sub(" over ", text)
     text = _ADD.sub(" plus ", text)
     text = _SUBTRACT.sub(" minus ", text)
-    text = _ORDINAL.sub(lambda match: _INFLECT.number_to_words(match.group(0), andword=""), text)
+    text = _ORDINAL.sub(lambda match: _inflect().number_to_words(match.group(0), andword=""), text)
     # Upstream ran its consuming split twice to reach every boundary; lookarounds need one pass.
     text = _LETTER_DIGIT_BOUNDARY.sub(" ", text)
     return _INTEGER.sub(lambda match: spoken_integer(match.group(0)), text)
@@ -75,17 +85,17 @@ def spoken_integer(digits: str) -> str:
     """Say a digit run the way people read it: 1999 as a year, 1100 as "eleven hundred"."""
     if len(digits) > MAX_SPOKEN_DIGITS:
         # Fix: upstream crashed here (inflect's range ends at 36 digits).
-        return " ".join(_INFLECT.number_to_words(digit) for digit in digits)
+        return " ".join(_inflect().number_to_words(digit) for digit in digits)
     number = int(digits)
     if not 1000 < number < 3000:
-        return _INFLECT.number_to_words(number, andword="")
+        return _inflect().number_to_words(number, andword="")
     if number == 2000:
         return "two thousand"
     if 2000 < number < 2010:
-        return "two thousand " + _INFLECT.number_to_words(number % 100)
+        return "two thousand " + _inflect().number_to_words(number % 100)
     if number % 100 == 0:
-        return _INFLECT.number_to_words(number // 100) + " hundred"
-    return _INFLECT.number_to_words(number, andword="", zero="oh", group=2).replace(", ", " ")
+        return _inflect().number_to_words(number // 100) + " hundred"
+    return _inflect().number_to_words(number, andword="", zero="oh", group=2).replace(", ", " ")
 
 
 def _expand_magnitude(match: re.Match[str]) -> str:
