@@ -13,6 +13,7 @@ import torch
 
 from soprano import SopranoTTS
 from soprano.audio import to_pcm16
+from soprano.constants import SAMPLE_WIDTH, TOKEN_SAMPLES
 from soprano.lm import SamplingParams
 from soprano.text import prepare_text
 from wyoming_soprano.sentences import SentenceStream
@@ -199,6 +200,34 @@ def test_an_engine_failure_reaches_only_its_own_request(tts: SopranoTTS) -> None
         synthesizer.close()
     assert (str(error), error.code) == ("the model fell over", "RuntimeError")
     assert audio == expected_pcm(tts, healthy)
+
+
+def test_a_client_that_stops_reading_is_held_back_while_others_go_on(tts: SopranoTTS) -> None:
+    engine = RecordingEngine(tts)
+    held_chunks = 3
+    synthesizer = Synthesizer(
+        engine,  # type: ignore[arg-type]
+        SAMPLING,
+        chunk_size=1,
+        max_backlog_bytes=held_chunks * TOKEN_SAMPLES * SAMPLE_WIDTH,
+    )
+    unread = "Nobody reads the audio of this sentence for a while."
+    read = "Meanwhile another client hears the whole of this sentence."
+
+    async def scenario() -> tuple[int, bytes, bytes]:
+        unread_job = synthesizer.open_session().submit(unread)
+        read_job = synthesizer.open_session().submit(read)
+        read_audio = await read_all(read_job)
+        made_while_unread = engine.log.count(("chunk", unread))
+        return made_while_unread, read_audio, await read_all(unread_job)
+
+    try:
+        made_while_unread, read_audio, unread_audio = asyncio.run(scenario())
+    finally:
+        synthesizer.close()
+    assert made_while_unread == held_chunks
+    assert read_audio == expected_pcm(tts, read)
+    assert unread_audio == expected_pcm(tts, unread), "reading again resumes the generation"
 
 
 def test_closing_the_synthesizer_ends_unfinished_jobs(tts: SopranoTTS) -> None:

@@ -28,12 +28,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from soprano.audio import to_pcm16
+from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH
 from soprano.lm import SamplingParams
 
 if TYPE_CHECKING:
     from soprano import SopranoTTS
 
 _LOGGER = logging.getLogger(__name__)
+
+MAX_BACKLOG_SECONDS = 60
+"""Audio a session may have ready but not yet taken before it waits for its client."""
+MAX_BACKLOG_BYTES = MAX_BACKLOG_SECONDS * SAMPLE_RATE * SAMPLE_WIDTH
 
 
 class SynthesisError(Exception):
@@ -47,9 +52,10 @@ class SynthesisError(Exception):
 class AudioJob:
     """One sentence. The worker thread produces its PCM; one coroutine consumes it."""
 
-    def __init__(self, sentence: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sentence: str, session: SynthesisSession) -> None:
         self.sentence = sentence
-        self._loop = loop
+        self.session = session
+        self._loop = asyncio.get_running_loop()
         self._pcm: asyncio.Queue[bytes | SynthesisError | None] = asyncio.Queue()
         self.cancelled = False
         self.generator: Iterator[torch.Tensor] | None = None
@@ -59,6 +65,7 @@ class AudioJob:
         while (item := await self._pcm.get()) is not None:
             if isinstance(item, SynthesisError):
                 raise item
+            self.session.consumed(len(item))
             yield item
 
     def deliver(self, item: bytes | SynthesisError | None) -> bool:
@@ -76,11 +83,14 @@ class SynthesisSession:
     def __init__(self, synthesizer: Synthesizer) -> None:
         self._synthesizer = synthesizer
         self.jobs: deque[AudioJob] = deque()
-        self.waiting_for_turn = False
+        self.scheduled = False
+        """In the worker's round or on the worker right now."""
+        self.backlog = 0
+        """Bytes produced but not yet taken by the consumer."""
 
     def submit(self, sentence: str) -> AudioJob:
         """Queue one sentence; its audio starts flowing once the sentences before it are done."""
-        job = AudioJob(sentence, asyncio.get_running_loop())
+        job = AudioJob(sentence, self)
         self._synthesizer.enqueue(self, job)
         return job
 
@@ -88,15 +98,31 @@ class SynthesisSession:
         """Stop generating: each unfinished job is closed at its next turn, on the worker."""
         self._synthesizer.cancel(self)
 
+    def consumed(self, size: int) -> None:
+        self._synthesizer.consumed(self, size)
+
 
 class Synthesizer:
-    """Owns the engine and its worker thread; sessions are used from the event loop."""
+    """Owns the engine and its worker thread; sessions are used from the event loop.
 
-    def __init__(self, tts: SopranoTTS, sampling: SamplingParams, chunk_size: int) -> None:
+    A session whose consumer falls `max_backlog_bytes` behind (a client that stops reading)
+    gets no turns until it catches up, so it can neither fill the memory nor hold the worker.
+    """
+
+    def __init__(
+        self,
+        tts: SopranoTTS,
+        sampling: SamplingParams,
+        chunk_size: int,
+        max_backlog_bytes: int = MAX_BACKLOG_BYTES,
+    ) -> None:
         self.tts = tts
         self.sampling = sampling
         self.chunk_size = chunk_size
+        self.max_backlog_bytes = max_backlog_bytes
         self._turns: deque[SynthesisSession] = deque()
+        self._busy: set[SynthesisSession] = set()
+        """Sessions with unfinished jobs, whether scheduled or held back."""
         self._lock = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="soprano-inference")
@@ -110,15 +136,19 @@ class Synthesizer:
             if self._closed:
                 raise RuntimeError("the synthesizer is closed")
             session.jobs.append(job)
-            if not session.waiting_for_turn:
-                session.waiting_for_turn = True
-                self._turns.append(session)
-                self._lock.notify()
+            self._busy.add(session)
+            self._schedule(session)
 
     def cancel(self, session: SynthesisSession) -> None:
         with self._lock:
             for job in session.jobs:
                 job.cancelled = True
+            self._schedule(session)
+
+    def consumed(self, session: SynthesisSession, size: int) -> None:
+        with self._lock:
+            session.backlog -= size
+            self._schedule(session)
 
     def close(self) -> None:
         """Stop the worker after its current turn; unfinished jobs are closed, not completed."""
@@ -127,17 +157,27 @@ class Synthesizer:
             self._lock.notify()
         self._thread.join()
 
+    def _schedule(self, session: SynthesisSession) -> None:
+        """Give the session a turn if it has work and room for more audio (lock held)."""
+        if session.scheduled or not session.jobs:
+            return
+        if session.backlog >= self.max_backlog_bytes and not session.jobs[0].cancelled:
+            return
+        session.scheduled = True
+        self._turns.append(session)
+        self._lock.notify()
+
     def _work(self) -> None:
         while (session := self._next_turn()) is not None:
             job = session.jobs[0]
             done = self._advance(job)
             with self._lock:
+                session.scheduled = False
                 if done:
                     session.jobs.popleft()
-                if session.jobs:
-                    self._turns.append(session)
-                else:
-                    session.waiting_for_turn = False
+                if not session.jobs:
+                    self._busy.discard(session)
+                self._schedule(session)
         self._close_remaining()
 
     def _next_turn(self) -> SynthesisSession | None:
@@ -162,7 +202,10 @@ class Synthesizer:
             _LOGGER.exception("Synthesis failed for %r", job.sentence)
             self._finish(job, SynthesisError(error))
             return True
-        if job.deliver(to_pcm16(chunk)):
+        pcm = to_pcm16(chunk)
+        with self._lock:
+            job.session.backlog += len(pcm)
+        if job.deliver(pcm):
             return False
         self._finish(job, None)
         return True
@@ -189,7 +232,8 @@ class Synthesizer:
 
     def _close_remaining(self) -> None:
         with self._lock:
-            remaining = [job for session in self._turns for job in session.jobs]
+            remaining = [job for session in self._busy for job in session.jobs]
+            self._busy.clear()
             self._turns.clear()
         for job in remaining:
             job.cancelled = True
