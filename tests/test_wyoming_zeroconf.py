@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from wyoming_soprano.__main__ import main
 from wyoming_soprano.zeroconf import AnnouncementError, advertised_address
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,13 @@ def test_advertised_address_prefers_the_override_then_the_bound_address(
 def test_unusable_addresses_are_refused(bind_host: str, override: str) -> None:
     with pytest.raises(AnnouncementError, match="clients cannot connect"):
         advertised_address(bind_host, override)
+
+
+def test_zeroconf_needs_a_tcp_uri(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--uri", "stdio://", "--zeroconf"])
+    assert exit_info.value.code == 2
+    assert "--zeroconf needs a tcp:// --uri" in capsys.readouterr().err
 
 
 async def _discover(checkpoint: str) -> dict[str, object]:

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SopranoError, ValueError) as error:  # one line for a missing model, no traceback
         _LOGGER.error("Cannot load the model: %s", error)
         return 1
+    except KeyboardInterrupt:
+        return 130
     try:
         return asyncio.run(serve(args, server, tts, sampling))
     except (AnnouncementError, OSError) as error:
@@ -206,12 +208,13 @@ async def serve(
 async def serve_sockets(
     args: argparse.Namespace, server: AsyncServer, factory: HandlerFactory, stop: asyncio.Event
 ) -> None:
-    await server.start(factory)
     announcer = None
     if args.zeroconf:
         assert isinstance(server, AsyncTcpServer)
         address = advertised_address(server.host, args.zeroconf_host)
         announcer = ZeroconfAnnouncer(args.zeroconf, address, server.port)
+    await server.start(factory)
+    if announcer is not None:
         await announcer.register()
     _LOGGER.info("Ready on %s", args.uri)
     try:
@@ -229,10 +232,10 @@ async def serve_stdio(factory: HandlerFactory, stop: asyncio.Event) -> None:
     connection = asyncio.create_task(handler.run())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({connection, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
     if not connection.done():
         await handler.stop()
-        await connection
-    stopped.cancel()
+    await connection
 
 
 def run() -> None:
