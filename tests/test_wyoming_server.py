@@ -42,6 +42,7 @@ from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH, TOKEN_SAMPLES
 from soprano.text import prepare_text
 from wyoming_soprano import __version__
+from wyoming_soprano.__main__ import main
 from wyoming_soprano.info import PROGRAM_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -627,6 +628,20 @@ def test_stdio_server_without_streaming_flag_still_handles_streams(
     expected = reference_pcm(engine, TEXT)
     assert audio_cycles(one_shot, TOKEN_SAMPLES) == [expected]
     assert b"".join(audio_cycles(stream, TOKEN_SAMPLES)) == expected
+
+
+def test_startup_log_names_model_device_backend_and_ready(
+    server: ServerProcess, tiny_checkpoint: Path
+) -> None:
+    server.wait_for_log(f"Model {tiny_checkpoint} on device cpu with the native backend")
+    server.wait_for_log(f"Ready on tcp://127.0.0.1:{server.port}")
+
+
+def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == __version__
 
 
 def test_missing_model_offline_is_one_clear_error_and_a_nonzero_exit(tmp_path: Path) -> None:
