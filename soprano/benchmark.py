@@ -1,0 +1,316 @@
+"""Side-by-side speed of the LM backends on a full-size random checkpoint (`script/benchmark`).
+
+Each backend lives in its own worker process, so its peak memory is its own and the workers never
+compete for the CPU: the parent sends one task at a time, round-robin over the backends, and
+reports the median of the repeats. The checkpoint has the real Soprano-1.1-80M dimensions, random
+weights and a silent [STOP] row, so every sentence runs exactly to its token limit.
+
+    script/benchmark [--repeats 3] [--backends transformers,native,native:dtype=int8] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES, TOKENS_PER_SECOND
+
+CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "benchmark"
+DEFAULT_BACKENDS = "transformers,native,native:dtype=int8"
+
+SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs all the way back home."
+PARAGRAPH = (
+    "Soprano is a small text to speech model that runs quickly on an ordinary computer. "
+    "It reads each sentence of a text, and it turns the words into sound one piece at a time. "
+    "Short answers come back almost at once. "
+    "Longer texts are split into sentences, and all of them are generated together in a batch. "
+    "The audio of every sentence is joined in order, without gaps or clicks. "
+    "This paragraph has six sentences, which is typical for a spoken reply."
+)
+BATCH_SIZES = (1, 4, 16)
+
+
+@dataclass(frozen=True)
+class Settings:
+    lm_tokens: int
+    """Tokens per sequence in the LM measurements."""
+    sentence_tokens: int
+    """Tokens per sentence end to end (the checkpoint never stops early)."""
+    decoder_tokens: int
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    """'lm', 'decoder', 'e2e' or 'ttfa'."""
+    label: str
+    arg: Any = None
+
+
+def tasks(settings: Settings) -> list[Task]:
+    return [
+        *(Task("lm", f"LM tokens/s, {n} sequence{'s' * (n > 1)}", n) for n in BATCH_SIZES),
+        Task("decoder", f"decoder × real time ({settings.decoder_tokens} tokens)"),
+        Task("e2e", "infer × real time, one sentence", SENTENCE),
+        Task("e2e", "infer × real time, paragraph (6 sentences)", PARAGRAPH),
+        Task("ttfa", "infer_stream time to first audio, one sentence (ms)", SENTENCE),
+    ]
+
+
+def ensure_checkpoint(folder: Path = CACHE_DIR / "soprano-1.1-80m-random") -> Path:
+    """Build the full-size random checkpoint once; later runs reuse it."""
+    from soprano.testing.make_checkpoint import make_checkpoint
+
+    if not (folder / "decoder.pth").is_file():
+        partial = folder.with_name(folder.name + ".partial")
+        make_checkpoint(partial, size="full", seed=0, stop_scale=0.0)
+        partial.rename(folder)
+    return folder
+
+
+def parse_backend(spec: str) -> tuple[str, dict[str, Any]]:
+    """'native:dtype=int8,threads=1' → ('native', {'dtype': 'int8', 'threads': 1})."""
+    name, _, raw = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, raw.split(";")):
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.isdigit() else value
+    return name, options
+
+
+def worker(
+    spec: str,
+    checkpoint: str,
+    device: str,
+    threads: int | None,
+    settings: Settings,
+    pipe: Connection,
+) -> None:
+    """Load one backend, then run the tasks the parent sends until it sends None."""
+    from soprano.tts import SopranoTTS
+
+    logging.getLogger("soprano").setLevel(logging.ERROR)  # every benchmark sentence is cut
+    if threads is not None:
+        torch.set_num_threads(threads)
+    name, options = parse_backend(spec)
+    tts = SopranoTTS(backend=name, device=device, model_path=checkpoint, warmup=False)
+    if options:
+        from soprano.lm.native import NativeLM
+
+        # SopranoTTS takes no backend options; swap in the configured native LM.
+        tts.lm = NativeLM(tts.checkpoint, tts.device, **options)
+    tts.infer("Hello world!", max_new_tokens=8)
+    runners = _runners(tts, settings)
+    pipe.send("ready")
+    try:
+        while (task := pipe.recv()) is not None:
+            pipe.send(runners[task.kind](task.arg))
+    except EOFError:  # the parent is gone
+        return
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if tts.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    pipe.send(peak)
+
+
+def _runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], float]]:
+    from soprano.lm import SamplingParams
+
+    prompt = tts.tokenizer.encode(SENTENCE)
+    frames = torch.randn(settings.decoder_tokens, tts.checkpoint.config.hidden_size)
+    frames = frames.to(tts.device)
+
+    def lm(batch: int) -> float:
+        params = SamplingParams(max_new_tokens=settings.lm_tokens)
+        start = time.perf_counter()
+        generations = tts.lm.generate([prompt] * batch, params)
+        elapsed = time.perf_counter() - start
+        assert all(len(g.tokens) == settings.lm_tokens for g in generations)
+        return batch * settings.lm_tokens / elapsed
+
+    def decoder(_: None) -> float:
+        start = time.perf_counter()
+        (audio,) = tts.decoder.decode([frames])
+        audio.cpu()
+        return len(audio) / SAMPLE_RATE / (time.perf_counter() - start)
+
+    def e2e(text: str) -> float:
+        start = time.perf_counter()
+        audio = tts.infer(text, max_new_tokens=settings.sentence_tokens)
+        return len(audio) / SAMPLE_RATE / (time.perf_counter() - start)
+
+    def ttfa(text: str) -> float:
+        start = time.perf_counter()
+        chunks = tts.infer_stream(text, max_new_tokens=settings.sentence_tokens)
+        next(chunks)
+        elapsed = time.perf_counter() - start
+        chunks.close()
+        return elapsed * 1000
+
+    return {"lm": lm, "decoder": decoder, "e2e": e2e, "ttfa": ttfa}
+
+
+def run(
+    backends: list[str],
+    device: str,
+    threads: int | None,
+    repeats: int,
+    settings: Settings,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    checkpoint = ensure_checkpoint()
+    load_before = os.getloadavg()[0]
+    context = multiprocessing.get_context("spawn")
+    pipes: dict[str, Connection] = {}
+    processes = []
+    for spec in backends:
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=worker,
+            args=(spec, str(checkpoint), device, threads, settings, child),
+            daemon=True,
+        )
+        process.start()
+        pipes[spec] = parent
+        processes.append(process)
+    for spec, pipe in pipes.items():
+        if pipe.recv() != "ready":
+            raise RuntimeError(f"worker for {spec} did not start")
+        log(f"loaded {spec}")
+    results: dict[str, dict[str, list[float]]] = {spec: {} for spec in backends}
+    for repeat in range(repeats):
+        for task in tasks(settings):
+            for spec, pipe in pipes.items():
+                pipe.send(task)
+                results[spec].setdefault(task.label, []).append(pipe.recv())
+        log(f"repeat {repeat + 1}/{repeats} done")
+    peaks = {}
+    for spec, pipe in pipes.items():
+        pipe.send(None)
+        peaks[spec] = pipe.recv()
+    for process in processes:
+        process.join()
+    medians = {
+        spec: {label: statistics.median(values) for label, values in by_task.items()}
+        for spec, by_task in results.items()
+    }
+    memory_label = "peak memory (MiB, " + ("GPU" if device.startswith("cuda") else "RSS") + ")"
+    for spec in backends:
+        medians[spec][memory_label] = peaks[spec]
+    load = {"load_before": load_before, "load_after": os.getloadavg()[0]}
+    return {
+        "machine": machine(threads) | load,
+        "command": " ".join(["script/benchmark", *sys.argv[1:]]),
+        "settings": settings.__dict__ | {"repeats": repeats, "device": device},
+        "backends": backends,
+        "medians": medians,
+        "samples": results,
+    }
+
+
+def machine(threads: int | None) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": threads or torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    """Markdown: one row per measurement, one column per backend, ratios to the first column."""
+    backends = report["backends"]
+    medians = report["medians"]
+    labels = list(medians[backends[0]])
+    lower_is_better = ("ms)", "MiB")
+    lines = [
+        "| measurement | " + " | ".join(backends) + " |",
+        "|---|" + "---:|" * len(backends),
+    ]
+    for label in labels:
+        base = medians[backends[0]][label]
+        cells = []
+        for spec in backends:
+            value = medians[spec][label]
+            cell = f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+            if spec != backends[0] and base and value:
+                ratio = base / value if label.endswith(lower_is_better) else value / base
+                cell += f" ({ratio:.1f}×)"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    settings = report["settings"]
+    m = report["machine"]
+    lines += [
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads"
+        + (f", {m['cuda']}" if m["cuda"] else "")
+        + f"; device {settings['device']}; load average {m['load_before']:.1f} before, "
+        + f"{m['load_after']:.1f} after. Medians of {settings['repeats']} interleaved runs; "
+        + f"LM {settings['lm_tokens']} tokens per sequence, infer {settings['sentence_tokens']} "
+        + f"tokens per sentence ({settings['sentence_tokens'] / TOKENS_PER_SECOND:.1f} s of "
+        + f"audio); 1 s of audio = {TOKENS_PER_SECOND} tokens = {SAMPLE_RATE} samples "
+        + f"({TOKEN_SAMPLES} per token). Ratios (×) against {backends[0]}, higher is better.",
+        f"Command: {report['command']}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backends",
+        default=DEFAULT_BACKENDS,
+        help="comma-separated; options after ':' joined by ';' (e.g. native:dtype=int8;threads=1)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per backend (default: torch's)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lm-tokens", type=int, default=64)
+    parser.add_argument("--sentence-tokens", type=int, default=96)
+    parser.add_argument("--decoder-tokens", type=int, default=128)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    settings = Settings(args.lm_tokens, args.sentence_tokens, args.decoder_tokens)
+    backends = [spec for spec in args.backends.split(",") if spec]
+    for spec in backends:
+        name, options = parse_backend(spec)
+        if options and name != "native":
+            parser.error(f"only the native backend takes options: {spec}")
+    report = run(backends, args.device, args.threads, args.repeats, settings, log=_stderr)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
