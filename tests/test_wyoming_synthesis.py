@@ -32,6 +32,9 @@ STREAMED_TEXTS = [
     "The third line here is long as well, long enough to count.",
     "The U.S.A. is large. Visit https://example.com/x for details about everything here. "
     "Bye (really, I mean it) for now, and a few more words here. ok",
+    "We met on a sunny day (a long time ago, when we were young. It was lovely, truly lovely "
+    "for everyone there. Another long sentence follows right here, yes. The end is near) and "
+    "we left. Then came the long evening, with music and dancing until late.",
 ]
 
 
@@ -60,6 +63,19 @@ def test_a_sentence_is_held_back_while_a_short_one_could_still_join_it() -> None
         "this first sentence is long enough to stand alone. ok."
     ]
     assert stream.finish() == ["and now a second sentence that is long enough."]
+
+
+def test_an_unclosed_bracket_holds_sentences_back_only_for_a_while() -> None:
+    stream = SentenceStream()
+    opening = (
+        "That is really sad to hear, my friend :( But let us look at the bright side. "
+        "Here is the first of several reasons why."
+    )
+    assert stream.add(opening) == []  # a closing bracket could still turn "(" into a comma
+    later = "".join(f" Here is reason number {n} why tomorrow will be better." for n in range(6))
+    released = stream.add(later)
+    assert released, "the held sentences go out once the text after them is long"
+    assert released + stream.finish() == prepare_text(opening + later)
 
 
 class RecordingEngine:

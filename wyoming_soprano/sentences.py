@@ -7,16 +7,24 @@ whole: the stream then sounds exactly like the one-shot `synthesize` of the same
 merges sentences shorter than MIN_SENTENCE_LENGTH into a neighbour, so a cut is only taken once
 the text after it starts with a sentence long enough never to be merged back across the cut.
 
-Known limit: normalisation that reaches across sentences (a bracket opened in one sentence and
-closed several sentences later) can still treat the released sentences differently from the
-whole text, because they were spoken before the closing bracket arrived.
+The one normalisation that reaches across sentences is the bracketed aside, which the engine
+reads with commas once its closing bracket exists. So a cut after an unclosed opening bracket
+waits for the closing one, but only while the text after the cut stays under MAX_SENTENCE_LENGTH:
+an emoticon such as ":(" must not hold a long answer back. Past that (an aside longer than that,
+or a stray bracket closed much later), the released sentences keep the bracket unread.
 """
 
 from __future__ import annotations
 
 import re
 
-from soprano.text import MIN_SENTENCE_LENGTH, clean_text, prepare_text, split_sentences
+from soprano.text import (
+    MAX_SENTENCE_LENGTH,
+    MIN_SENTENCE_LENGTH,
+    clean_text,
+    prepare_text,
+    split_sentences,
+)
 
 _CUT_CANDIDATE = re.compile(r"[.!?;:)\]}\"'”’…]\s+|\n\s*")
 """Where a sentence may end in raw text: after closing punctuation and whitespace, or a line."""
@@ -44,6 +52,8 @@ class SentenceStream:
             head, tail = text[:cut], text[cut:]
             if not _starts_with_long_sentence(tail):
                 continue
+            if _ends_inside_brackets(head) and len(tail) < MAX_SENTENCE_LENGTH:
+                continue
             whole = prepare_text(text) if whole is None else whole
             head_sentences = prepare_text(head)
             if head_sentences and head_sentences + prepare_text(tail) == whole:
@@ -55,6 +65,13 @@ class SentenceStream:
         """The sentences of everything not yet released; the stream is empty afterwards."""
         rest, self._pending = self._pending, ""
         return prepare_text(rest)
+
+
+def _ends_inside_brackets(text: str) -> bool:
+    """True if the last bracket in `text` opens an aside."""
+    last_opening = max(text.rfind(bracket) for bracket in "([{")
+    last_closing = max(text.rfind(bracket) for bracket in ")]}")
+    return last_opening > last_closing
 
 
 def _starts_with_long_sentence(text: str) -> bool:
