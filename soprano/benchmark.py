@@ -32,6 +32,12 @@ from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES, TOKENS_PER_SECOND
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "benchmark"
 DEFAULT_BACKENDS = "transformers,native,native:dtype=int8"
+ACCURACY_VARIANTS = (
+    "native",
+    "native:half_weights=0",
+    "native:dtype=bfloat16",
+    "native:dtype=int8",
+)
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs all the way back home."
 PARAGRAPH = (
@@ -278,6 +284,111 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@torch.inference_mode()
+def accuracy(device: str, tokens: int, variants: list[str]) -> dict[str, Any]:
+    """What each native option computes, against the transformers backend in fp32 (greedy).
+
+    Free-running: how many sentences give the same tokens, and how far they agree. Teacher-forced
+    (everyone reads the reference tokens): the error of the hidden states that feed the decoder,
+    and how often the top logit agrees.
+    """
+    from soprano.checkpoint import Checkpoint
+    from soprano.device import select_device
+    from soprano.lm import SamplingParams
+    from soprano.lm.native import NativeLM
+    from soprano.lm.transformers import TransformersLM
+    from soprano.text import prepare_text
+    from soprano.tokenizer import PromptTokenizer
+
+    checkpoint = Checkpoint.from_folder(ensure_checkpoint())
+    torch_device = select_device(device)
+    tokenizer = PromptTokenizer(checkpoint.tokenizer_path)
+    prompts = [tokenizer.encode(sentence) for sentence in prepare_text(PARAGRAPH)]
+    params = SamplingParams(max_new_tokens=tokens)
+    reference = TransformersLM(checkpoint, torch_device)
+    expected = reference.generate(prompts, params)
+    expected_top = [reference.model.lm_head(g.hidden).argmax(-1).tolist() for g in expected]
+    results: dict[str, Any] = {}
+    for spec in variants:
+        _, options = parse_backend(spec)
+        lm = NativeLM(checkpoint, torch_device, **options)
+        generated = lm.generate(prompts, params)
+        prefixes = [
+            _common_prefix(mine.tokens, theirs.tokens) / len(theirs.tokens)
+            for mine, theirs in zip(generated, expected, strict=True)
+        ]
+        states = [
+            _teacher_forced_states(lm, prompt, g.tokens)
+            for prompt, g in zip(prompts, expected, strict=True)
+        ]
+        reference_states = torch.cat([g.hidden for g in expected])
+        error = torch.cat(states).float() - reference_states
+        top = [lm.model.logits(h).argmax(-1).tolist() for h in states]
+        agree = sum(
+            a == b
+            for mine, theirs in zip(top, expected_top, strict=True)
+            for a, b in zip(mine, theirs, strict=True)
+        )
+        results[spec] = {
+            "identical sentences": f"{sum(p == 1 for p in prefixes)}/{len(prompts)}",
+            "agreeing prefix (mean)": statistics.mean(prefixes),
+            "top token agreement (teacher-forced)": agree / len(reference_states),
+            "hidden max abs error": error.abs().max().item(),
+            "hidden relative RMS error": (error.norm() / reference_states.norm()).item(),
+        }
+    return {
+        "machine": machine(None),
+        "command": " ".join(["script/benchmark", *sys.argv[1:]]),
+        "settings": {"sentences": len(prompts), "tokens": tokens, "device": device},
+        "variants": results,
+    }
+
+
+def _common_prefix(first: list[int], second: list[int]) -> int:
+    return next(
+        (i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b),
+        min(len(first), len(second)),
+    )
+
+
+def _teacher_forced_states(lm: Any, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """States producing each of `tokens` when the LM reads prompt + tokens in one pass."""
+    ids = torch.tensor([prompt + tokens[:-1]], device=lm.device)
+    cache = lm.model.new_cache(1, ids.shape[1])
+    positions = torch.arange(ids.shape[1], device=lm.device)[None]
+    hidden = lm.model(ids, positions, cache)[0]
+    return hidden[len(prompt) - 1 :]
+
+
+def accuracy_table(report: dict[str, Any]) -> str:
+    variants = report["variants"]
+    labels = list(next(iter(variants.values())))
+    lines = [
+        "| vs transformers fp32 | " + " | ".join(variants) + " |",
+        "|---|" + "---:|" * len(variants),
+    ]
+    for label in labels:
+        cells = [_format(variants[spec][label]) for spec in variants]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    settings = report["settings"]
+    lines += [
+        "",
+        f"{settings['sentences']} sentences × {settings['tokens']} greedy tokens on the "
+        "full-size random checkpoint; a trained model's peaked distributions make top-token "
+        "ties rarer, so these agreement figures are pessimistic.",
+        f"Command: {report['command']}",
+    ]
+    return "\n".join(lines)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value == 0 or abs(value) >= 0.01:
+        return f"{value:.3f}"
+    return f"{value:.1e}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -294,9 +405,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentence-tokens", type=int, default=96)
     parser.add_argument("--decoder-tokens", type=int, default=128)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="instead of speed, measure what each native option computes against transformers",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.accuracy:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        report = accuracy(args.device, args.lm_tokens, list(ACCURACY_VARIANTS))
+        print(json.dumps(report, indent=2) if args.json else accuracy_table(report))
+        return 0
     settings = Settings(args.lm_tokens, args.sentence_tokens, args.decoder_tokens)
     backends = [spec for spec in args.backends.split(",") if spec]
     for spec in backends:

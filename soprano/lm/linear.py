@@ -15,6 +15,7 @@ is the speed of streaming the weights from memory. Three storages:
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -56,11 +57,24 @@ class HalfStoredLinear(nn.Module):
         return y if self.inverse_scale is None else y * self.inverse_scale
 
 
+@functools.cache
+def has_vnni() -> bool:
+    """Whether the CPU sums u8×s8 products in 32 bits (VNNI); without it FBGEMM's 16-bit pair
+    sums can saturate unless activations keep to 7 bits."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 class DynamicInt8Linear(nn.Module):
     """int8 weights (symmetric, per output channel) × activations quantised on the fly."""
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
+        self.reduce_range = not has_vnni()
         weight = weight.detach().float()
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
         with warnings.catch_warnings():
@@ -73,7 +87,7 @@ class DynamicInt8Linear(nn.Module):
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
 
 
 def replace_linears(module: nn.Module, storage: str) -> dict[str, int]:

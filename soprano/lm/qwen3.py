@@ -230,6 +230,7 @@ class Qwen3(nn.Module):
                 ours + "mlp.down_proj.weight": state[hf + "mlp.down_proj.weight"],
             }
         model.load_state_dict({k: v.float() for k, v in own.items()}, assign=True)
+        model.requires_grad_(False)
         with torch.device("cpu"):
             model.rope = cls._new_rope(config)
         return model.eval()
