@@ -1,8 +1,14 @@
 """Soprano: a fast, streaming, lossless text-to-speech engine."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 from soprano.errors import BackendUnavailableError, ModelLoadError, SopranoError
-from soprano.tts import SopranoTTS
+
+if TYPE_CHECKING:
+    from soprano.tts import SopranoTTS
 
 __all__ = [
     "SAMPLE_RATE",
@@ -12,3 +18,12 @@ __all__ = [
     "SopranoError",
     "SopranoTTS",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the engine (and torch) on first use, so `--help` and `--version` stay instant."""
+    if name == "SopranoTTS":
+        from soprano.tts import SopranoTTS
+
+        return SopranoTTS
+    raise AttributeError(f"module 'soprano' has no attribute {name!r}")
