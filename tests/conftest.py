@@ -21,3 +21,14 @@ def tiny_checkpoint_80m(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(
         tmp_path_factory.mktemp("soprano-tiny-80m"), size="tiny", decoder="80m", seed=1
     )
+
+
+@pytest.fixture(scope="session")
+def endless_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint that never says [STOP]: every sentence runs to max_new_tokens.
+
+    For tests that need a generation of a known, long length (a busy server, exact lengths).
+    """
+    return make_checkpoint(
+        tmp_path_factory.mktemp("soprano-endless"), size="tiny", seed=2, stop_scale=0.0
+    )

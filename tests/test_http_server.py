@@ -42,8 +42,8 @@ FLAC_STREAMINFO_END = 42
 
 
 @pytest.fixture(scope="module")
-def tts(tiny_checkpoint: Path) -> SopranoTTS:
-    return SopranoTTS(model_path=tiny_checkpoint, device="cpu")
+def tts(endless_checkpoint: Path) -> SopranoTTS:
+    return SopranoTTS(model_path=endless_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +59,10 @@ def whole(tts: SopranoTTS) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[str]:
+def server(endless_checkpoint: Path) -> Iterator[str]:
     """The server's base URL, once it prints that it serves."""
     process = subprocess.Popen(
-        [SERVER, "--model", str(tiny_checkpoint), "--device", "cpu", "--port", "0",
+        [SERVER, "--model", str(endless_checkpoint), "--device", "cpu", "--port", "0",
          "--log-level", "warning", "--max-input-chars", "200"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -299,19 +299,19 @@ def test_malformed_json_and_unknown_paths_get_openai_shaped_errors(server: str) 
 
 
 def test_models_health_and_openapi(
-    client: openai.OpenAI, server: str, tiny_checkpoint: Path
+    client: openai.OpenAI, server: str, endless_checkpoint: Path
 ) -> None:
     models = client.models.list()
     health = httpx.get(f"{server}/health").json()
     schema = httpx.get(f"{server}/openapi.json").json()
 
-    assert [model.id for model in models.data] == [str(tiny_checkpoint)]
-    assert client.models.retrieve(str(tiny_checkpoint)).owned_by == "soprano"
+    assert [model.id for model in models.data] == [str(endless_checkpoint)]
+    assert client.models.retrieve(str(endless_checkpoint)).owned_by == "soprano"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("tts-1")
     assert health == {
         "status": "ok",
-        "model": str(tiny_checkpoint),
+        "model": str(endless_checkpoint),
         "backend": "native",
         "device": "cpu",
         "sample_rate": SAMPLE_RATE,

@@ -142,8 +142,11 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_checkpoint: Path) -> Iterator[dict[str, ServerProcess]]:
-    """Both TCP servers, started together so that their imports and model loads overlap."""
+def servers(tiny_checkpoint: Path, endless_checkpoint: Path) -> Iterator[dict[str, ServerProcess]]:
+    """The servers, started together so that their imports and model loads overlap.
+
+    The busy one never says [STOP], so each of its sentences certainly runs 400 tokens.
+    """
     model = ["--model", str(tiny_checkpoint), "--device", "cpu"]
     started = {
         "main": ServerProcess(
@@ -152,7 +155,7 @@ def servers(tiny_checkpoint: Path) -> Iterator[dict[str, ServerProcess]]:
             *("--samples-per-chunk", str(SAMPLES_PER_CHUNK)),
         ),
         "busy": ServerProcess(
-            *model,
+            *("--model", str(endless_checkpoint), "--device", "cpu"),
             *("--temperature", "1.0", "--seed", "3", "--max-new-tokens", "400", "--debug"),
         ),
         "stdio": ServerProcess(
