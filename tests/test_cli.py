@@ -24,15 +24,15 @@ SENTENCES = 2
 MAX_NEW_TOKENS = 24
 SAMPLING = {"temperature": 1.0, "seed": 1, "max_new_tokens": MAX_NEW_TOKENS}
 SAMPLING_ARGS = ["--temperature", "1", "--seed", "1", "--max-new-tokens", str(MAX_NEW_TOKENS)]
-# Random weights never say [STOP]: each sentence is cut at MAX_NEW_TOKENS audio tokens.
+# The endless checkpoint never says [STOP]: each sentence is cut at MAX_NEW_TOKENS audio tokens.
 EXPECTED_SAMPLES = SENTENCES * (MAX_NEW_TOKENS - 1) * TOKEN_SAMPLES
 MP3_FRAME = 1152
 MP3_DELAY = 576
 
 
 @pytest.fixture(scope="module")
-def tts(tiny_checkpoint: Path) -> SopranoTTS:
-    return SopranoTTS(model_path=tiny_checkpoint, device="cpu")
+def tts(endless_checkpoint: Path) -> SopranoTTS:
+    return SopranoTTS(model_path=endless_checkpoint, device="cpu")
 
 
 def pcm16(audio: torch.Tensor) -> np.ndarray:
@@ -76,9 +76,9 @@ def run_with_terminal(args: list[str], cwd: Path, terminal: str) -> tuple[int, b
 
 
 def test_text_arguments_to_the_default_output_wav_are_the_engines_audio(
-    tiny_checkpoint: Path, tts: SopranoTTS, tmp_path: Path
+    endless_checkpoint: Path, tts: SopranoTTS, tmp_path: Path
 ) -> None:
-    result = run([*model_args(tiny_checkpoint), *SAMPLING_ARGS, *TEXT.split()], cwd=tmp_path)
+    result = run([*model_args(endless_checkpoint), *SAMPLING_ARGS, *TEXT.split()], cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b""
@@ -89,13 +89,13 @@ def test_text_arguments_to_the_default_output_wav_are_the_engines_audio(
 
 
 def test_file_input_to_flac_is_lossless(
-    tiny_checkpoint: Path, tts: SopranoTTS, tmp_path: Path
+    endless_checkpoint: Path, tts: SopranoTTS, tmp_path: Path
 ) -> None:
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "speech.flac"
 
-    result = run([*model_args(tiny_checkpoint), *SAMPLING_ARGS, "--file", str(text_file), "-o",
+    result = run([*model_args(endless_checkpoint), *SAMPLING_ARGS, "--file", str(text_file), "-o",
                   str(out)])  # fmt: skip
 
     assert result.returncode == 0, result.stderr.decode()
@@ -105,10 +105,12 @@ def test_file_input_to_flac_is_lossless(
 
 
 def test_stream_writes_the_engines_stream_from_stdin_as_raw_pcm(
-    tiny_checkpoint: Path, tts: SopranoTTS
+    endless_checkpoint: Path, tts: SopranoTTS
 ) -> None:
     result = run(
-        [*model_args(tiny_checkpoint), *SAMPLING_ARGS, "--stream"], input=TEXT.encode(), stdin=None
+        [*model_args(endless_checkpoint), *SAMPLING_ARGS, "--stream"],
+        input=TEXT.encode(),
+        stdin=None,
     )
 
     assert result.returncode == 0, result.stderr.decode()
@@ -118,10 +120,12 @@ def test_stream_writes_the_engines_stream_from_stdin_as_raw_pcm(
 
 
 def test_progress_bar_on_a_terminal_counts_sentences_and_audio(
-    tiny_checkpoint: Path, tmp_path: Path
+    endless_checkpoint: Path, tmp_path: Path
 ) -> None:
     code, terminal, _ = run_with_terminal(
-        [*model_args(tiny_checkpoint), *SAMPLING_ARGS, TEXT, "-o", "speech.mp3"], tmp_path, "stderr"
+        [*model_args(endless_checkpoint), *SAMPLING_ARGS, TEXT, "-o", "speech.mp3"],
+        tmp_path,
+        "stderr",
     )
 
     assert code == 0
@@ -139,10 +143,10 @@ def test_progress_bar_on_a_terminal_counts_sentences_and_audio(
 
 
 def test_quiet_hides_progress_and_warnings_on_a_terminal(
-    tiny_checkpoint: Path, tmp_path: Path
+    endless_checkpoint: Path, tmp_path: Path
 ) -> None:
     code, terminal, _ = run_with_terminal(
-        [*model_args(tiny_checkpoint), *SAMPLING_ARGS, "-q", TEXT, "-o", "out.wav"],
+        [*model_args(endless_checkpoint), *SAMPLING_ARGS, "-q", TEXT, "-o", "out.wav"],
         tmp_path,
         "stderr",
     )
@@ -151,9 +155,11 @@ def test_quiet_hides_progress_and_warnings_on_a_terminal(
     assert terminal == b""
 
 
-def test_stream_refuses_to_write_pcm_to_a_terminal(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_stream_refuses_to_write_pcm_to_a_terminal(
+    endless_checkpoint: Path, tmp_path: Path
+) -> None:
     code, terminal, stderr = run_with_terminal(
-        [*model_args(tiny_checkpoint), "--stream", "Hello."], tmp_path, "stdout"
+        [*model_args(endless_checkpoint), "--stream", "Hello."], tmp_path, "stdout"
     )
 
     assert code == 1
@@ -198,13 +204,13 @@ def test_no_text_on_a_terminal_says_where_text_comes_from(tmp_path: Path) -> Non
 def test_errors_are_one_line_with_exit_code_1(
     args: list[str],
     message: str,
-    tiny_checkpoint: Path,
+    endless_checkpoint: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    args = [arg.replace("{checkpoint}", str(tiny_checkpoint)) for arg in args]
+    args = [arg.replace("{checkpoint}", str(endless_checkpoint)) for arg in args]
 
     assert cli.main(args) == 1
     captured = capsys.readouterr()

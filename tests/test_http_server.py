@@ -29,7 +29,7 @@ SERVER = str(Path(sys.executable).with_name("soprano-server"))  # the installed 
 TEXT = "Hello there, this is one short test sentence."
 MAX_NEW_TOKENS = 24
 SAMPLING = {"temperature": 1.0, "seed": 1, "max_new_tokens": MAX_NEW_TOKENS}
-# Random weights never say [STOP]: the sentence is cut at MAX_NEW_TOKENS audio tokens.
+# The endless checkpoint never says [STOP]: the sentence is cut at MAX_NEW_TOKENS audio tokens.
 EXPECTED_SAMPLES = (MAX_NEW_TOKENS - 1) * TOKEN_SAMPLES
 MP3_FRAME = 1152
 MP3_DELAY = 576

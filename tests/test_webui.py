@@ -34,7 +34,7 @@ TEXT = "Soprano reads this sentence aloud. And then it reads a second one, which
 SENTENCES = 2
 MAX_NEW_TOKENS = 200
 """Long enough (25 s of audio) that the browser plays well before the stream ends."""
-# Random weights never say [STOP] at temperature 1: each sentence is cut at MAX_NEW_TOKENS.
+# The endless checkpoint never says [STOP]: each sentence is cut at MAX_NEW_TOKENS.
 EXPECTED_SECONDS = SENTENCES * (MAX_NEW_TOKENS - 1) * TOKEN_SAMPLES / SAMPLE_RATE
 MP3_FRAME = 1152
 MP3_DELAY = 576
@@ -59,11 +59,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def webui(tiny_checkpoint: Path) -> Iterator[str]:
+def webui(endless_checkpoint: Path) -> Iterator[str]:
     """The page's URL, once the process says it serves."""
     port = free_port()
     process = subprocess.Popen(
-        [WEBUI, "--model", str(tiny_checkpoint), "--device", "cpu", "--port", str(port),
+        [WEBUI, "--model", str(endless_checkpoint), "--device", "cpu", "--port", str(port),
          "--temperature", "1", "--seed", "2", "--max-new-tokens", str(MAX_NEW_TOKENS)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
