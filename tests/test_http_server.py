@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
 import sys
-import threading
 import wave
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +17,7 @@ import openai
 import pytest
 import soundfile
 import torch
+from processes import serving_process
 
 from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
@@ -61,31 +60,10 @@ def whole(tts: SopranoTTS) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def server(endless_checkpoint: Path) -> Iterator[str]:
     """The server's base URL, once it prints that it serves."""
-    process = subprocess.Popen(
-        [SERVER, "--model", str(endless_checkpoint), "--device", "cpu", "--port", "0",
-         "--log-level", "warning", "--max-input-chars", "200"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    serving = threading.Event()
-    lines: list[str] = []
-
-    def read_stderr() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if line.startswith("soprano-server: serving "):
-                serving.set()
-        serving.set()  # the process ended
-
-    threading.Thread(target=read_stderr, daemon=True).start()
-    serving.wait(timeout=120)
-    assert process.poll() is None, "".join(lines)
-    url = lines[-1].rsplit(" ", 1)[-1].strip()
-    try:
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    command = [SERVER, "--model", str(endless_checkpoint), "--device", "cpu", "--port", "0",
+               "--log-level", "warning", "--max-input-chars", "200"]  # fmt: skip
+    with serving_process(command, "soprano-server: serving ", timeout=120) as ready:
+        yield ready.rsplit(" ", 1)[-1]
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import re
 import socket
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import httpx
 import pytest
 import soundfile
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from processes import serving_process
 
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 
@@ -62,30 +61,12 @@ def free_port() -> int:
 def webui(endless_checkpoint: Path) -> Iterator[str]:
     """The page's URL, once the process says it serves."""
     port = free_port()
-    process = subprocess.Popen(
-        [WEBUI, "--model", str(endless_checkpoint), "--device", "cpu", "--port", str(port),
-         "--temperature", "1", "--seed", "2", "--max-new-tokens", str(MAX_NEW_TOKENS)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    serving = threading.Event()
-    lines: list[str] = []
-
-    def read_stderr() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if line.startswith("soprano-webui: serving on "):
-                serving.set()
-        serving.set()  # the process ended
-
-    threading.Thread(target=read_stderr, daemon=True).start()
-    serving.wait(timeout=180)
-    assert process.poll() is None, "".join(lines)
-    try:
+    command = [
+        *(WEBUI, "--model", str(endless_checkpoint), "--device", "cpu", "--port", str(port)),
+        *("--temperature", "1", "--seed", "2", "--max-new-tokens", str(MAX_NEW_TOKENS)),
+    ]
+    with serving_process(command, "soprano-webui: serving on ", timeout=180):
         yield f"http://127.0.0.1:{port}/"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
