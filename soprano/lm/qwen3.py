@@ -33,20 +33,23 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, length: int) -> None:
         super().__init__()
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-        self.register_buffer("inv_freq", 1.0 / theta**exponents, persistent=False)
+        self.head_dim = head_dim
+        self.theta = theta
         self.register_buffer("cos", torch.empty(0, head_dim), persistent=False)
         self.register_buffer("signed_sin", torch.empty(0, head_dim), persistent=False)
         self.reserve(length)
 
     def reserve(self, length: int) -> None:
-        """Make the tables cover positions 0 … length−1."""
+        """Make the tables cover positions 0 … length−1 (computed in float32, as HF does)."""
         if length <= len(self.cos):
             return
-        positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
-        freqs = positions[:, None] * self.inv_freq
+        device = self.cos.device
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / self.theta ** (exponents / self.head_dim)
+        positions = torch.arange(length, dtype=torch.float32, device=device)
+        freqs = positions[:, None] * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
-        half = angles.shape[-1] // 2
+        half = self.head_dim // 2
         sin = angles.sin()
         self.cos = angles.cos()
         self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
