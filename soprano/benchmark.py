@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch threads per backend (default: torch's)"
     )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--lm-tokens", type=int, default=64)
+    parser.add_argument("--lm-tokens", type=int, default=96)
     parser.add_argument("--sentence-tokens", type=int, default=96)
     parser.add_argument("--decoder-tokens", type=int, default=128)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
