@@ -114,12 +114,19 @@ def worker(
     if threads is not None:
         torch.set_num_threads(threads)
     name, options = parse_backend(spec)
-    tts = SopranoTTS(backend=name, device=device, model_path=checkpoint, warmup=False)
     if options:
+        import soprano.tts
         from soprano.lm.native import NativeLM
 
-        # SopranoTTS takes no backend options; swap in the configured native LM.
-        tts.lm = NativeLM(tts.checkpoint, tts.device, **options)
+        # SopranoTTS passes no backend options: have it load the configured native LM instead
+        # (loading the default one first would inflate this worker's peak memory).
+        def load_native(
+            name: str, checkpoint: Any, device: torch.device, cache_size_mb: int
+        ) -> NativeLM:
+            return NativeLM(checkpoint, device, **options)
+
+        soprano.tts.load_language_model = load_native
+    tts = SopranoTTS(backend=name, device=device, model_path=checkpoint, warmup=False)
     tts.infer("Hello world!", max_new_tokens=8)
     runners = _runners(tts, settings)
     pipe.send("ready")

@@ -52,9 +52,23 @@ class HalfStoredLinear(nn.Module):
             return None
         return cls(packed, None if bool((scale == 1).all()) else 1.0 / scale)
 
+    def scaled(self, x: Tensor) -> Tensor:
+        """x · Wᵀ times the rows' scales (exact powers of two); `forward` undoes them."""
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        y = self.scaled(x)
         return y if self.inverse_scale is None else y * self.inverse_scale
+
+
+def add_projection(residual: Tensor, layer: nn.Module, x: Tensor) -> Tensor:
+    """residual + layer(x); for fp16-stored rows the unscaling rides on the add (one kernel).
+
+    Multiplying by a power of two is exact, so addcmul gives the same bits as mul-then-add.
+    """
+    if isinstance(layer, HalfStoredLinear) and layer.inverse_scale is not None:
+        return torch.addcmul(residual, layer.scaled(x), layer.inverse_scale)
+    return residual + layer(x)
 
 
 @functools.cache

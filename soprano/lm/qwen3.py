@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soprano.checkpoint import LMConfig
+from soprano.lm.linear import add_projection
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -124,6 +125,7 @@ class Attention(nn.Module):
 
     def forward(
         self,
+        residual: Tensor,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         keys: Tensor,
@@ -131,6 +133,7 @@ class Attention(nn.Module):
         start: int,
         mask: Tensor,
     ) -> Tensor:
+        """residual + attention(x), writing x's keys and values at `start` in the cache."""
         batch, length, _ = x.shape
         qk_heads = self.heads + self.kv_heads
         qkv = self.qkv_proj(x).view(batch, length, qk_heads + self.kv_heads, self.head_dim)
@@ -150,7 +153,9 @@ class Attention(nn.Module):
             query, keys[:batch, :, :end], values[:batch, :, :end], attn_mask=mask
         )
         out = out.view(batch, self.kv_heads, groups, length, self.head_dim).permute(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(batch, length, self.heads * self.head_dim))
+        return add_projection(
+            residual, self.o_proj, out.reshape(batch, length, self.heads * self.head_dim)
+        )
 
 
 class MLP(nn.Module):
@@ -159,9 +164,10 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, residual: Tensor, x: Tensor) -> Tensor:
+        """residual + MLP(x)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return add_projection(residual, self.down_proj, F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -182,8 +188,8 @@ class Block(nn.Module):
         start: int,
         mask: Tensor,
     ) -> Tensor:
-        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), rope, keys, values, start, mask)
-        return x + self.mlp(rms_norm(x, self.post_attention_norm, self.eps))
+        x = self.attn(x, rms_norm(x, self.input_norm, self.eps), rope, keys, values, start, mask)
+        return self.mlp(x, rms_norm(x, self.post_attention_norm, self.eps))
 
 
 class Qwen3(nn.Module):
