@@ -56,12 +56,12 @@ class NativeLM(LanguageModel):
             torch.set_num_threads(threads)
         config = checkpoint.config
         model = Qwen3.from_hf_state(config, checkpoint.load_lm_state())
-        storage = {"int8": "int8", "float32": "half" if half_weights else None}.get(dtype)
-        if storage is not None and device.type == "cpu" and fbgemm_available():
-            counts = replace_linears(model, storage)
-            _LOGGER.debug("Native LM weight storage: %s", counts)
+        if dtype == "int8":
+            _LOGGER.debug("Native LM weight storage: %s", replace_linears(model, "int8"))
         elif dtype == "bfloat16":
             model = model.to(torch.bfloat16)
+        elif half_weights and device.type == "cpu" and fbgemm_available():
+            _LOGGER.debug("Native LM weight storage: %s", replace_linears(model, "half"))
         self.model = model.to(device)
         self.dtype = dtype
         self.device = device
