@@ -14,6 +14,7 @@ from soprano.constants import (
     MAX_NEW_TOKENS,
 )
 from soprano.lm import BACKENDS
+from soprano.lm.native import DTYPES
 from soprano.tts import SopranoTTS
 
 SAMPLING_OPTIONS = ("temperature", "top_p", "repetition_penalty", "seed", "max_new_tokens")
@@ -36,6 +37,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "-b", "--backend", default="auto", choices=BACKENDS, help="language-model backend"
     )
+    add_backend_option_arguments(group)
     group.add_argument(
         "--cache-size",
         type=int,
@@ -48,6 +50,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="sentences decoded together (default: the engine's)",
     )
+
+
+def add_backend_option_arguments(group: argparse._ActionsContainer) -> None:
+    """--dtype and --threads, the native backend's options (see `backend_options`)."""
+    group.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="native backend weights: float32 (exact, default), bfloat16 or int8 (faster, lossy)",
+    )
+    group.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="native backend CPU threads (default: one per core)",
+    )
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The native backend options that were given on the command line."""
+    given = {"dtype": args.dtype, "threads": args.threads}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +111,7 @@ def load_tts(args: argparse.Namespace) -> SopranoTTS:
         backend=args.backend,
         device=args.device,
         model_path=args.model,
+        backend_options=backend_options(args),
         **{name: value for name, value in sizes.items() if value is not None},
     )
 

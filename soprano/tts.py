@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,9 @@ WARMUP_TOKENS = 8
 class SopranoTTS:
     """Load a Soprano checkpoint once and synthesize speech from text.
 
+    `backend_options` tune the native backend: dtype ('float32' exact, 'bfloat16', 'int8'),
+    half_weights (exact fp16 storage of the bf16 checkpoint weights) and threads.
+
     Not thread-safe: callers that serve several clients serialise their calls.
     """
 
@@ -57,6 +61,7 @@ class SopranoTTS:
         model_path: str | os.PathLike[str] | None = None,
         *,
         cache_dir: str | os.PathLike[str] | None = None,
+        backend_options: Mapping[str, Any] | None = None,
         warmup: bool = True,
     ) -> None:
         _require_int("decoder_batch_size", decoder_batch_size, minimum=1)
@@ -73,7 +78,9 @@ class SopranoTTS:
                 f"{self.checkpoint.path}: decoder.pth expects {self.decoder.input_channels} "
                 f"input channels but the LM's hidden_size is {self.checkpoint.config.hidden_size}"
             )
-        self.lm = load_language_model(backend, self.checkpoint, self.device, cache_size_mb)
+        self.lm = load_language_model(
+            backend, self.checkpoint, self.device, cache_size_mb, backend_options
+        )
         _LOGGER.info(
             "Loaded %s on %s with the %s backend", self.checkpoint.path, self.device, self.lm.name
         )

@@ -164,6 +164,32 @@ def test_bad_call_arguments(tts: SopranoTTS):
         SopranoTTS(decoder_batch_size=0)
 
 
+def test_backend_options(tiny_checkpoint: Path, tts: SopranoTTS):
+    """Options reach the native backend; its fp32 paths give the transformers backend's audio."""
+    exact = SopranoTTS(
+        device="cpu",
+        model_path=tiny_checkpoint,
+        backend_options={"dtype": "float32", "half_weights": False},
+        warmup=False,
+    )
+    assert exact.backend == "native"
+    torch.testing.assert_close(
+        exact.infer(TEXTS[1], max_new_tokens=MAX_TOKENS),
+        tts.infer(TEXTS[1], max_new_tokens=MAX_TOKENS),
+        atol=1e-4,
+        rtol=0,
+    )
+    with pytest.raises(ValueError, match="native backend option"):
+        SopranoTTS(device="cpu", model_path=tiny_checkpoint, backend_options={"colour": 1})
+    with pytest.raises(ValueError, match="the transformers backend takes no options"):
+        SopranoTTS(
+            backend="transformers",
+            device="cpu",
+            model_path=tiny_checkpoint,
+            backend_options={"dtype": "int8"},
+        )
+
+
 def test_length_limit_is_logged(tts: SopranoTTS, caplog: pytest.LogCaptureFixture):
     caplog.set_level("WARNING")
     audio = tts.infer(TEXTS[0], max_new_tokens=3)

@@ -23,6 +23,7 @@ from soprano.constants import (
     TOKEN_SAMPLES,
 )
 from soprano.errors import SopranoError
+from soprano.frontend import add_backend_option_arguments, backend_options
 from soprano.lm import SamplingParams
 from wyoming_soprano import __version__
 from wyoming_soprano.handler import ServerContext, SopranoEventHandler
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend", default="auto", help="auto, native, transformers or lmdeploy (CUDA)"
     )
+    add_backend_option_arguments(parser)
     sampling = parser.add_argument_group("sampling defaults for every request")
     sampling.add_argument(
         "--temperature",
@@ -159,7 +161,11 @@ def load_engine(args: argparse.Namespace) -> SopranoTTS:
     download_dir = args.download_dir or (args.data_dir[0] if args.data_dir else None)
     _LOGGER.info("Loading model %s", model)
     tts = SopranoTTS(
-        backend=args.backend, device=args.device, model_path=model, cache_dir=download_dir
+        backend=args.backend,
+        device=args.device,
+        model_path=model,
+        cache_dir=download_dir,
+        backend_options=backend_options(args),
     )
     _LOGGER.info("Model %s on device %s with the %s backend", model, tts.device, tts.backend)
     return tts

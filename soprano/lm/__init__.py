@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -39,18 +41,30 @@ def select_backend(name: str, device: torch.device) -> str:
 
 
 def load_language_model(
-    name: str, checkpoint: Checkpoint, device: torch.device, cache_size_mb: int
+    name: str,
+    checkpoint: Checkpoint,
+    device: torch.device,
+    cache_size_mb: int,
+    options: Mapping[str, Any] | None = None,
 ) -> LanguageModel:
-    """Load the named backend ('auto' resolved) on `device`."""
+    """Load the named backend ('auto' resolved) on `device`.
+
+    `options` go to the native backend (dtype, half_weights, threads); the others take none.
+    """
     name = select_backend(name, device)
+    if name == "native":
+        from soprano.lm.native import NativeLM
+
+        try:
+            return NativeLM(checkpoint, device, **(options or {}))
+        except TypeError as error:
+            raise ValueError(f"bad native backend option: {error}") from error
+    if options:
+        raise ValueError(f"the {name} backend takes no options, got {', '.join(options)}")
     if name == "transformers":
         from soprano.lm.transformers import TransformersLM
 
         return TransformersLM(checkpoint, device)
-    if name == "native":
-        from soprano.lm.native import NativeLM
-
-        return NativeLM(checkpoint, device)
     if device.type != "cuda":
         raise BackendUnavailableError(f"the lmdeploy backend needs a CUDA device, not {device}")
     if not lmdeploy_available():
