@@ -131,3 +131,20 @@ def stack_frames(
     if not frames:
         return torch.zeros(0, hidden_size, device=device)
     return torch.stack(list(frames))
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch: token ids, a mask of real tokens, and their positions.
+
+    Left padding lines up every prompt's last token, so one step appends to all rows at once.
+    """
+    longest = max(len(prompt) for prompt in prompts)
+    tokens = torch.full((len(prompts), longest), STOP_ID, dtype=torch.long)
+    valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        valid[row, longest - len(prompt) :] = True
+    positions = (valid.cumsum(-1) - 1).clamp(min=0)
+    return tokens.to(device), valid.to(device), positions.to(device)

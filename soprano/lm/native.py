@@ -15,7 +15,7 @@ import torch
 from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
 from soprano.errors import BackendUnavailableError
-from soprano.lm.base import LanguageModel, SamplingParams, Step
+from soprano.lm.base import LanguageModel, SamplingParams, Step, left_pad
 from soprano.lm.linear import fbgemm_available, replace_linears
 from soprano.lm.qwen3 import Qwen3
 from soprano.lm.sampling import TokenSampler
@@ -77,17 +77,10 @@ class NativeLM(LanguageModel):
         if any(len(prompt) == 0 for prompt in prompts):
             raise ValueError("every prompt needs at least one token")
         count = len(prompts)
-        longest = max(len(prompt) for prompt in prompts)
-        tokens = torch.full((count, longest), STOP_ID, dtype=torch.long)
-        valid = torch.zeros(count, longest, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            tokens[row, longest - len(prompt) :] = torch.tensor(list(prompt))
-            valid[row, longest - len(prompt) :] = True
-        tokens, valid = tokens.to(self.device), valid.to(self.device)
-        positions = (valid.cumsum(-1) - 1).clamp(min=0)
+        tokens, valid, positions = left_pad(prompts, self.device)
 
         sampler = TokenSampler(prompts, params, self.vocab_size, self.device)
-        cache = self.model.new_cache(count, longest + params.max_new_tokens)
+        cache = self.model.new_cache(count, tokens.shape[1] + params.max_new_tokens)
         hidden = self.model(tokens, positions, cache, valid)[:, -1]
         next_positions = positions[:, -1] + 1
         rows = torch.arange(count, device=self.device)

@@ -14,7 +14,7 @@ import torch
 from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
 from soprano.errors import ModelLoadError
-from soprano.lm.base import LanguageModel, SamplingParams, Step
+from soprano.lm.base import LanguageModel, SamplingParams, Step, left_pad
 from soprano.lm.sampling import TokenSampler
 
 
@@ -46,14 +46,8 @@ class TransformersLM(LanguageModel):
         if not prompts:
             return
         sampler = TokenSampler(prompts, params, self.vocab_size, self.device)
-        longest = max(len(prompt) for prompt in prompts)
-        input_ids = torch.full((len(prompts), longest), STOP_ID, dtype=torch.long)
-        attention_mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt) :] = torch.tensor(list(prompt))
-            attention_mask[row, longest - len(prompt) :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, valid, positions = left_pad(prompts, self.device)
+        attention_mask = valid.long()
         cache = DynamicCache()
         rows = torch.arange(len(prompts), device=self.device)
         active = [True] * len(prompts)
