@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Speak text with Soprano: into a file, as raw PCM on standard output "
         "(--stream), or through the sound card (--play).",
         epilog="examples: soprano 'Hello there.' -o hello.flac | "
-        "soprano --stream 'Hello' | aplay -r 32000 -f S16_LE -c 1 | "
+        f"soprano --stream 'Hello' | aplay -r {SAMPLE_RATE} -f S16_LE -c 1 | "
         "soprano --file book.txt -o book.mp3",
     )
     parser.add_argument("text", nargs="*", help="text to speak (words are joined by spaces)")
