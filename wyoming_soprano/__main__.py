@@ -24,7 +24,7 @@ from soprano.constants import (
 )
 from soprano.errors import SopranoError
 from soprano.frontend import add_backend_option_arguments, backend_options
-from soprano.lm import SamplingParams
+from soprano.lm import BACKENDS, SamplingParams
 from wyoming_soprano import __version__
 from wyoming_soprano.handler import ServerContext, SopranoEventHandler
 from wyoming_soprano.info import PROGRAM_NAME, build_info, voice_name
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument(
-        "--backend", default="auto", help="auto, native, transformers or lmdeploy (CUDA)"
+        "--backend", default="auto", choices=BACKENDS, help="language-model backend"
     )
     add_backend_option_arguments(parser)
     sampling = parser.add_argument_group("sampling defaults for every request")
