@@ -6,6 +6,7 @@ whose sequences end at different steps (so finished rows leave the batch), and t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
 from soprano.lm import SamplingParams, load_language_model
 from soprano.lm.base import Generation, LanguageModel, Step
-from soprano.lm.linear import HalfStoredLinear, fbgemm_available, replace_linears
+from soprano.lm.kernels import cpu_kernels
+from soprano.lm.linear import HalfStoredLinear, PanelLinear, fbgemm_available, replace_linears
 from soprano.lm.native import NativeLM
 from soprano.lm.transformers import TransformersLM
 from soprano.tokenizer import PromptTokenizer
@@ -49,9 +51,16 @@ def reference(checkpoint: Checkpoint) -> TransformersLM:
     return TransformersLM(checkpoint, CPU)
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["half-weights", "fp32-weights"])
+STORAGES = {
+    "compiled": {},
+    "half-weights": {"kernels": False},
+    "fp32-weights": {"kernels": False, "half_weights": False},
+}
+
+
+@pytest.fixture(scope="module", params=list(STORAGES))
 def native(request: pytest.FixtureRequest, checkpoint: Checkpoint) -> NativeLM:
-    return NativeLM(checkpoint, CPU, half_weights=request.param)
+    return NativeLM(checkpoint, CPU, **STORAGES[request.param])
 
 
 def assert_same_generations(ours: list[Generation], theirs: list[Generation]) -> None:
@@ -72,11 +81,22 @@ def test_auto_picks_native_on_cpu(checkpoint: Checkpoint):
     assert isinstance(load_language_model("auto", checkpoint, CPU, 100), NativeLM)
 
 
-def test_half_weights_are_used_where_fbgemm_exists(checkpoint: Checkpoint):
-    lm = NativeLM(checkpoint, CPU)
+def linear_kinds(lm: NativeLM) -> set[type]:
     kinds = {type(module) for module in lm.model.modules()}
-    assert (HalfStoredLinear in kinds) == fbgemm_available()
-    assert torch.nn.Linear not in kinds or not fbgemm_available()
+    return kinds & {PanelLinear, HalfStoredLinear, torch.nn.Linear}
+
+
+def test_compiled_kernels_are_the_default_on_cpu(checkpoint: Checkpoint):
+    assert cpu_kernels() is not None, "the native CPU kernels did not build"
+    lm = NativeLM(checkpoint, CPU)
+    assert lm.model.compiled is not None
+    assert linear_kinds(lm) == {PanelLinear}
+
+
+def test_half_weights_are_used_where_fbgemm_exists(checkpoint: Checkpoint):
+    lm = NativeLM(checkpoint, CPU, kernels=False)
+    assert lm.model.compiled is None
+    assert linear_kinds(lm) == ({HalfStoredLinear} if fbgemm_available() else {torch.nn.Linear})
 
 
 def test_single_prompt_matches_transformers(native, reference, prompts):
@@ -175,8 +195,30 @@ def test_half_storage_is_exact_or_refused():
     assert HalfStoredLinear.from_weight(wide) is None
     model = torch.nn.Sequential(torch.nn.Linear(96, 64, bias=False))
     model[0].weight.data = wide
-    assert replace_linears(model, "half") == {"half": 0, "int8": 0, "float32": 1}
+    assert replace_linears(model, HalfStoredLinear.from_weight) == (0, 1)
     assert isinstance(model[0], torch.nn.Linear)
+
+
+def test_panel_storage_is_exact_or_refused():
+    kernels = cpu_kernels()
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(96, 80, generator=generator) / 24).bfloat16().float()
+    layer = PanelLinear.from_weight(weight, kernels)
+    for rows in (1, 5, 7, 13):  # row blocks of the GEMM, with and without remainders
+        x = torch.randn(2, rows, 80, generator=generator)
+        torch.testing.assert_close(layer(x), x @ weight.T, atol=1e-6, rtol=1e-6)
+
+    not_bf16 = weight.clone()
+    not_bf16[1, 2] += 1e-6
+    assert PanelLinear.from_weight(not_bf16, kernels) is None
+    assert PanelLinear.from_weight(weight[:80], kernels) is None  # not whole panels
+    model = torch.nn.Sequential(
+        torch.nn.Linear(80, 96, bias=False), torch.nn.Linear(96, 96, bias=False)
+    )
+    model[0].weight.data, model[1].weight.data = weight, not_bf16
+    panels = functools.partial(PanelLinear.from_weight, kernels=kernels)
+    assert replace_linears(model, panels) == (1, 1)
+    assert isinstance(model[0], PanelLinear) and isinstance(model[1], torch.nn.Linear)
 
 
 def test_bad_options(checkpoint):

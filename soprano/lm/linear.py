@@ -1,9 +1,13 @@
 """How the native backend stores its weight matrices and multiplies by them.
 
 At one to a few sequences a decode step is a matrix-vector product per weight matrix, so its speed
-is the speed of streaming the weights from memory. Three storages:
+is the speed of streaming the weights from memory. Four storages:
 
-- `HalfStoredLinear` (the exact default on x86 CPUs): the checkpoint's weights are bf16, so each
+- `PanelLinear` (the exact default on CPUs where the native kernels build): the checkpoint's bf16
+  weights as they are, in panels for our own GEMM (soprano/lm/csrc), which widens them to fp32
+  (exactly) and multiplies and sums in fp32. Half the memory traffic of fp32 weights, and the
+  storage the compiled decode step reads.
+- `HalfStoredLinear` (the exact fallback on x86 CPUs): the checkpoint's weights are bf16, so each
   row, scaled by a power of two, fits fp16 exactly. FBGEMM's fp16 GEMM multiplies fp32
   activations by those weights with fp32 products and sums, then we undo the scale (exact for a
   power of two). The result is fp32 arithmetic on the checkpoint's values, at half the memory
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +34,28 @@ HALF_MAX_EXPONENT = 14
 def fbgemm_available() -> bool:
     """FBGEMM's packed kernels exist on x86 builds of PyTorch, not on ARM or macOS."""
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class PanelLinear(nn.Module):
+    """y = x · Wᵀ in fp32 arithmetic on bf16-held W, by the native CPU kernels."""
+
+    def __init__(self, panels: Tensor, kernels: ModuleType) -> None:
+        super().__init__()
+        self.panels = panels
+        self.kernels = kernels
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, kernels: ModuleType) -> PanelLinear | None:
+        """Pack `weight` [out, in]; None when it is not exactly bf16 or its shape does not fit."""
+        weight = weight.detach()
+        half = weight.bfloat16()
+        if weight.shape[0] % kernels.PANEL_WIDTH or not torch.equal(half.to(weight.dtype), weight):
+            return None
+        return cls(kernels.pack(half), kernels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.kernels.linear(x.reshape(-1, x.shape[-1]), self.panels)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class HalfStoredLinear(nn.Module):
@@ -104,24 +132,22 @@ class DynamicInt8Linear(nn.Module):
         return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
 
 
-def replace_linears(module: nn.Module, storage: str) -> dict[str, int]:
-    """Swap every nn.Linear below `module` for `storage` ('half' or 'int8'); count what was used.
+def replace_linears(
+    module: nn.Module, storage: Callable[[Tensor], nn.Module | None]
+) -> tuple[int, int]:
+    """Swap each nn.Linear below `module` for `storage(weight)`, keeping those it refuses (None).
 
-    'half' keeps a layer as a fp32 nn.Linear where fp16 storage would not be exact.
+    Returns how many were replaced and how many kept.
     """
-    counts = {"half": 0, "int8": 0, "float32": 0}
+    replaced = kept = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
-            replacement: nn.Module | None
-            if storage == "int8":
-                replacement = DynamicInt8Linear(child.weight)
-            else:
-                replacement = HalfStoredLinear.from_weight(child.weight)
+            replacement = storage(child.weight)
             if replacement is None:
-                counts["float32"] += 1
-                continue
-            counts[storage] += 1
-            setattr(parent, name, replacement)
-    return counts
+                kept += 1
+            else:
+                replaced += 1
+                setattr(parent, name, replacement)
+    return replaced, kept

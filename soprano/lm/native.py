@@ -16,7 +16,13 @@ from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
 from soprano.errors import BackendUnavailableError
 from soprano.lm.base import LanguageModel, SamplingParams, Step, left_pad
-from soprano.lm.linear import fbgemm_available, replace_linears
+from soprano.lm.kernels import cpu_kernels
+from soprano.lm.linear import (
+    DynamicInt8Linear,
+    HalfStoredLinear,
+    fbgemm_available,
+    replace_linears,
+)
 from soprano.lm.qwen3 import Qwen3
 from soprano.lm.sampling import TokenSampler
 
@@ -30,8 +36,10 @@ class NativeLM(LanguageModel):
 
     - dtype: 'float32' (exact: the arithmetic of the transformers backend in fp32), 'bfloat16'
       or 'int8' (dynamic int8 quantisation, CPU only); the last two trade accuracy for speed.
-    - half_weights: on x86 CPUs, hold float32 weights as exactly-representable fp16 for FBGEMM
-      (same results, half the memory traffic). Only used with dtype 'float32'.
+    - kernels: on CPUs, decode with the compiled kernels of soprano/lm/csrc (built on first
+      use; same results). Only used with dtype 'float32'.
+    - half_weights: where the kernels are off or cannot be built, on x86 CPUs, hold float32
+      weights as exactly-representable fp16 for FBGEMM (same results, half the memory traffic).
     - threads: torch's intra-op threads (None leaves torch's default, one per core).
     """
 
@@ -43,6 +51,7 @@ class NativeLM(LanguageModel):
         device: torch.device,
         *,
         dtype: str = "float32",
+        kernels: bool = True,
         half_weights: bool = True,
         threads: int | None = None,
     ) -> None:
@@ -57,16 +66,23 @@ class NativeLM(LanguageModel):
         config = checkpoint.config
         model = Qwen3.from_hf_state(config, checkpoint.load_lm_state())
         if dtype == "int8":
-            _LOGGER.debug("Native LM weight storage: %s", replace_linears(model, "int8"))
+            replace_linears(model, DynamicInt8Linear)
         elif dtype == "bfloat16":
             model = model.to(torch.bfloat16)
-        elif half_weights and device.type == "cpu" and fbgemm_available():
-            _LOGGER.debug("Native LM weight storage: %s", replace_linears(model, "half"))
+        elif device.type == "cpu":
+            self._store_exact_weights(model, kernels, half_weights)
         self.model = model.to(device)
         self.dtype = dtype
         self.device = device
         self.hidden_size = config.hidden_size
         self.vocab_size = config.vocab_size
+
+    @staticmethod
+    def _store_exact_weights(model: Qwen3, kernels: bool, half_weights: bool) -> None:
+        compiled = kernels and (built := cpu_kernels()) is not None and model.use_cpu_kernels(built)
+        if not compiled and half_weights and fbgemm_available():
+            replace_linears(model, HalfStoredLinear.from_weight)
+        _LOGGER.debug("Native LM forward: %s", "compiled" if compiled else "PyTorch")
 
     @torch.inference_mode()
     def stream(
@@ -82,11 +98,12 @@ class NativeLM(LanguageModel):
         sampler = TokenSampler(prompts, params, self.vocab_size, self.device)
         cache = self.model.new_cache(count, tokens.shape[1] + params.max_new_tokens)
         hidden = self.model(tokens, positions, cache, valid)[:, -1]
+        logits = self.model.logits(hidden)
         next_positions = positions[:, -1] + 1
         rows = torch.arange(count, device=self.device)
         indices = list(range(count))
         for step in range(1, params.max_new_tokens + 1):
-            chosen = sampler(self.model.logits(hidden), rows)
+            chosen = sampler(logits, rows)
             frames = hidden.float().unbind()
             at_limit = step == params.max_new_tokens
             steps = []
@@ -106,4 +123,5 @@ class NativeLM(LanguageModel):
                 chosen, next_positions, rows = chosen[keep], next_positions[keep], rows[keep]
                 indices = [indices[row] for row in kept]
             hidden = self.model(chosen[:, None], next_positions[:, None], cache)[:, -1]
+            logits = self.model.logits(hidden)
             next_positions = next_positions + 1

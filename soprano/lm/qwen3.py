@@ -4,16 +4,22 @@ Same arithmetic as Hugging Face's Qwen3ForCausalLM (pre-norm blocks, per-head RM
 and keys, rotate-half RoPE, grouped-query attention, SwiGLU MLP), with fewer and larger kernels:
 q/k/v and gate/up are fused into one matmul each, and keys and values go into a preallocated
 cache that the whole batch shares. Rows are left-padded so that one write index serves them all.
+
+On CPUs, `use_cpu_kernels` hands the forward to the compiled kernels of soprano/lm/csrc, which do
+the same arithmetic without a kernel launch per small operation.
 """
 
 from __future__ import annotations
+
+import functools
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soprano.checkpoint import LMConfig
-from soprano.lm.linear import add_projection
+from soprano.lm.linear import PanelLinear, add_projection, replace_linears
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -203,6 +209,8 @@ class Qwen3(nn.Module):
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = self._new_rope(config)
+        self.compiled: object | None = None
+        """The compiled forward (`use_cpu_kernels`), or None to run the PyTorch one."""
 
     @classmethod
     def from_hf_state(cls, config: LMConfig, state: dict[str, Tensor]) -> Qwen3:
@@ -263,6 +271,25 @@ class Qwen3(nn.Module):
         batch, length = tokens.shape
         start, end = cache.length, cache.length + length
         cache.visible[:batch, start:end] = True if valid is None else valid
+        if self.compiled is None:
+            hidden = self._forward(tokens, positions, cache, start)
+        else:
+            hidden = self.compiled.forward(
+                tokens,
+                positions,
+                cache.keys,
+                cache.values,
+                cache.visible,
+                self.rope.cos,
+                self.rope.signed_sin,
+                start,
+            )
+        cache.length = end
+        return hidden
+
+    def _forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, start: int) -> Tensor:
+        batch, length = tokens.shape
+        end = start + length
         mask = cache.visible[:batch, None, None, :end]
         if length > 1:
             query_at = torch.arange(start, end, device=tokens.device)[:, None]
@@ -275,8 +302,42 @@ class Qwen3(nn.Module):
         rope = self.rope(positions, x.dtype)
         for layer, block in enumerate(self.layers):
             x = block(x, rope, cache.keys[layer], cache.values[layer], start, mask)
-        cache.length = end
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
+
+    def use_cpu_kernels(self, kernels: ModuleType) -> bool:
+        """Hold the weights as bf16 panels and run the forward in the compiled kernels.
+
+        Only where that is exact (bf16 weights, float32 model) and the shapes suit the kernels;
+        returns whether it was done.
+        """
+        config = self.config
+        if self.norm.dtype != torch.float32 or config.head_dim % kernels.VECTOR_WIDTH:
+            return False
+        _, kept = replace_linears(self, functools.partial(PanelLinear.from_weight, kernels=kernels))
+        if kept:
+            return False
+        self.compiled = kernels.Qwen3Forward(
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            config.intermediate_size,
+            config.rms_norm_eps,
+            self.embed_tokens.weight,
+            [
+                [
+                    block.input_norm,
+                    block.attn.qkv_proj.panels,
+                    block.attn.qk_norm,
+                    block.attn.o_proj.panels,
+                    block.post_attention_norm,
+                    block.mlp.gate_up_proj.panels,
+                    block.mlp.down_proj.panels,
+                ]
+                for block in self.layers
+            ],
+            self.norm,
+        )
+        return True

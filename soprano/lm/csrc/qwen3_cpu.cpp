@@ -1,0 +1,417 @@
+// CPU kernels of the native backend: a bf16-weight GEMM with fp32 arithmetic, and Qwen3's whole
+// forward pass (a decode step, or a prompt) in one call.
+//
+// Why: at one to a few rows a decode step streams every weight once, so its floor is memory
+// bandwidth; from Python it also pays ~600 small kernel launches. Here the weights stay in the
+// checkpoint's bf16 (widening bf16 to fp32 is exact, so products and sums are fp32 arithmetic on
+// the checkpoint's values) and everything between two matrix products runs in plain loops.
+//
+// Written with GCC/Clang vector extensions, so the compiler picks AVX-512, AVX2 or NEON for the
+// machine it is built on (soprano/lm/kernels.py compiles this file with -march=native).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int kPanelWidth = 2 * kLanes;  // output columns per packed weight panel
+constexpr int kMaxPanelRows = 6;         // batch rows multiplied per pass over a panel
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint32_t UintVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+// Panels hold bf16 weights in pairs: the 32-bit word j of a row carries column j in its low half
+// and column j + 16 in its high half, so one load and two bit operations widen 32 weights.
+inline void load_bf16_pair(const uint16_t* p, Vec& low, Vec& high) {
+  UintVec words;
+  std::memcpy(&words, p, sizeof words);
+  low = (Vec)(words << 16);
+  high = (Vec)(words & 0xFFFF0000u);
+}
+
+inline Vec splat(float x) {
+  static_assert(kLanes == 16, "one initialiser per lane");
+  return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
+
+inline float sum(Vec v) {
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += v[i];
+  return total;
+}
+
+// exp(x) to about 1 ulp (Cephes' polynomial on [-ln2/2, ln2/2], scaled by 2^n).
+inline Vec fast_exp(Vec x) {
+  const Vec round_magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  Vec shifted = x * splat(1.44269504088896341f) + round_magic;
+  Vec n = shifted - round_magic;
+  Vec r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+  Vec p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  IntVec exponent = ((IntVec)shifted - (IntVec)round_magic + 127) << 23;
+  return p * (Vec)exponent;
+}
+
+inline float fast_exp(float x) { return fast_exp(splat(x))[0]; }
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: y[m, n] (+)= sum_k x[m, k] * W[n, k], W packed as panels [n / 32][k][32] of bf16.
+
+// `prefetch`: the next panel, fetched into cache while this one is multiplied (or null).
+template <int Rows>
+void panel_product(const float* x, int64_t x_stride, const uint16_t* panel, int64_t depth,
+                   float* y, int64_t y_stride, bool accumulate, const uint16_t* prefetch) {
+  Vec acc[Rows][2] = {};
+  for (int64_t k = 0; k < depth; ++k) {
+    if (prefetch != nullptr) __builtin_prefetch(prefetch + k * kPanelWidth);
+    Vec w0, w1;
+    load_bf16_pair(panel + k * kPanelWidth, w0, w1);
+#pragma GCC unroll 8
+    for (int r = 0; r < Rows; ++r) {
+      const Vec xv = splat(x[r * x_stride + k]);
+      acc[r][0] += xv * w0;
+      acc[r][1] += xv * w1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < Rows; ++r) {
+    float* out = y + r * y_stride;
+    if (accumulate) {
+      store(out, load(out) + acc[r][0]);
+      store(out + kLanes, load(out + kLanes) + acc[r][1]);
+    } else {
+      store(out, acc[r][0]);
+      store(out + kLanes, acc[r][1]);
+    }
+  }
+}
+
+using PanelProduct = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
+                              bool, const uint16_t*);
+constexpr PanelProduct kPanelProducts[kMaxPanelRows + 1] = {
+    nullptr,           panel_product<1>, panel_product<2>, panel_product<3>,
+    panel_product<4>, panel_product<5>, panel_product<6>};
+
+// x: rows x depth floats (row stride x_stride); y: rows x width (row stride y_stride).
+void gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& panels, float* y,
+          int64_t y_stride, bool accumulate) {
+  const int64_t count = panels.size(0);
+  const int64_t depth = panels.size(1);
+  const auto* weights = reinterpret_cast<const uint16_t*>(panels.data_ptr());
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const uint16_t* panel = weights + p * depth * kPanelWidth;
+      const uint16_t* next = p + 1 < end ? panel + depth * kPanelWidth : nullptr;
+      for (int64_t r = 0; r < rows; r += kMaxPanelRows) {
+        const int64_t block = std::min<int64_t>(kMaxPanelRows, rows - r);
+        kPanelProducts[block](x + r * x_stride, x_stride, panel, depth,
+                              y + r * y_stride + p * kPanelWidth, y_stride, accumulate,
+                              rows > 1 ? next : nullptr);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise parts of a Qwen3 block.
+
+// out = x / sqrt(mean(x^2) + eps) * weight, as Qwen3RMSNorm computes it in fp32.
+void rms_norm(const float* x, const float* weight, int64_t size, float eps, float* out) {
+  float squares = 0.0f;
+  for (int64_t i = 0; i < size; ++i) squares += x[i] * x[i];
+  const float scale = 1.0f / std::sqrt(squares / static_cast<float>(size) + eps);
+  for (int64_t i = 0; i < size; ++i) out[i] = weight[i] * (x[i] * scale);
+}
+
+// Rotate-half RoPE in place: x * cos + roll(x, half) * signed_sin.
+void rotate(float* x, const float* cos, const float* signed_sin, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i];
+    const float b = x[i + half];
+    x[i] = a * cos[i] + b * signed_sin[i];
+    x[i + half] = b * cos[i + half] + a * signed_sin[i + half];
+  }
+}
+
+void silu_times(const float* gate, const float* up, int64_t size, float* out) {
+  int64_t i = 0;
+  for (; i + kLanes <= size; i += kLanes) {
+    const Vec g = load(gate + i);
+    store(out + i, g / (splat(1.0f) + fast_exp(-g)) * load(up + i));
+  }
+  for (; i < size; ++i) out[i] = gate[i] / (1.0f + fast_exp(-gate[i])) * up[i];
+}
+
+void softmax(float* x, int64_t size) {
+  const float largest = *std::max_element(x, x + size);
+  float total = 0.0f;
+  int64_t i = 0;
+  for (; i + kLanes <= size; i += kLanes) {
+    const Vec e = fast_exp(load(x + i) - splat(largest));
+    store(x + i, e);
+    total += sum(e);
+  }
+  for (; i < size; ++i) {
+    x[i] = fast_exp(x[i] - largest);
+    total += x[i];
+  }
+  const float inverse = 1.0f / total;
+  for (i = 0; i < size; ++i) x[i] *= inverse;
+}
+
+struct Layer {
+  at::Tensor input_norm, qkv, qk_norm, o, post_attention_norm, gate_up, down;
+};
+
+// ---------------------------------------------------------------------------------------------
+
+// Qwen3's forward over [B, T] tokens that follow `start` cached positions: the same arithmetic as
+// soprano/lm/qwen3.py, with the weights as bf16 panels. T is 1 in decode steps.
+class Qwen3Forward {
+ public:
+  Qwen3Forward(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
+               double eps, at::Tensor embed, std::vector<std::vector<at::Tensor>> layers,
+               at::Tensor norm)
+      : heads_(heads),
+        kv_heads_(kv_heads),
+        head_dim_(head_dim),
+        intermediate_(intermediate),
+        hidden_(embed.size(1)),
+        eps_(static_cast<float>(eps)),
+        embed_(std::move(embed)),
+        norm_(std::move(norm)) {
+    TORCH_CHECK(head_dim % kLanes == 0, "head_dim must be a multiple of ", kLanes);
+    TORCH_CHECK(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
+    for (auto& tensors : layers) {
+      TORCH_CHECK(tensors.size() == 7, "a layer takes 7 tensors");
+      layers_.push_back({tensors[0], tensors[1], tensors[2], tensors[3], tensors[4], tensors[5],
+                         tensors[6]});
+    }
+  }
+
+  // tokens, positions: [B, T] int64. keys, values: [layers, rows, kv_heads, capacity, head_dim]
+  // float32, written at start … start + T − 1. visible: [rows, capacity] bool, already marking
+  // which of the new positions are real tokens (padding is never attended to). cos, signed_sin:
+  // the RoPE tables. Returns the post-norm hidden states [B, T, hidden].
+  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& keys,
+                     const at::Tensor& values, const at::Tensor& visible, const at::Tensor& cos,
+                     const at::Tensor& signed_sin, int64_t start) const {
+    TORCH_CHECK(tokens.dim() == 2 && positions.sizes() == tokens.sizes(), "[B, T] tokens");
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions");
+    TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && visible.is_contiguous(),
+                "contiguous cache");
+    TORCH_CHECK(keys.size(4) == head_dim_ && keys.size(0) == (int64_t)layers_.size(), "cache");
+    const int64_t batch = tokens.size(0);
+    const int64_t length = tokens.size(1);
+    const int64_t rows = batch * length;
+    const int64_t capacity = keys.size(3);
+    TORCH_CHECK(start + length <= capacity, "the cache is full");
+    const int64_t qkv_width = (heads_ + 2 * kv_heads_) * head_dim_;
+    const int64_t attention_width = heads_ * head_dim_;
+    const auto options = at::TensorOptions().dtype(at::kFloat);
+
+    at::Tensor x = embed_.index_select(0, tokens.reshape({rows})).contiguous();
+    at::Tensor normed = at::empty({rows, hidden_}, options);
+    at::Tensor qkv = at::empty({rows, qkv_width}, options);
+    at::Tensor attended = at::empty({rows, attention_width}, options);
+    at::Tensor gate_up = at::empty({rows, 2 * intermediate_}, options);
+    at::Tensor activated = at::empty({rows, intermediate_}, options);
+    float* x_ = x.data_ptr<float>();
+    float* normed_ = normed.data_ptr<float>();
+    float* qkv_ = qkv.data_ptr<float>();
+    float* attended_ = attended.data_ptr<float>();
+    float* gate_up_ = gate_up.data_ptr<float>();
+    float* activated_ = activated.data_ptr<float>();
+    const int64_t* token_positions = positions.data_ptr<int64_t>();
+    const bool* visible_ = visible.data_ptr<bool>();
+    const float* cos_ = cos.data_ptr<float>();
+    const float* signed_sin_ = signed_sin.data_ptr<float>();
+
+    // Per batch row, the cache positions it may attend to, ascending.
+    std::vector<std::vector<int64_t>> seen(batch);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t t = 0; t < start + length; ++t) {
+        if (visible_[b * capacity + t]) seen[b].push_back(t);
+      }
+    }
+
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& layer = layers_[l];
+      float* layer_keys = keys.data_ptr<float>() + l * keys.stride(0);
+      float* layer_values = values.data_ptr<float>() + l * values.stride(0);
+      norm_rows(x_, layer.input_norm, rows, normed_);
+      gemm(normed_, hidden_, rows, layer.qkv, qkv_, qkv_width, false);
+      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / length;
+          const int64_t at = start + r % length;
+          const int64_t position = token_positions[r];
+          store_keys(qkv_ + r * qkv_width, layer.qk_norm.data_ptr<float>(),
+                     cos_ + position * head_dim_, signed_sin_ + position * head_dim_,
+                     layer_keys + b * keys.stride(1) + at * head_dim_,
+                     layer_values + b * values.stride(1) + at * head_dim_, capacity);
+        }
+      });
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / length;
+          const int64_t at = start + r % length;
+          float* out = attended_ + r * attention_width;
+          if (!visible_[b * capacity + at]) {  // padding: its output is never read
+            std::fill(out, out + attention_width, 0.0f);
+            continue;
+          }
+          const auto& positions_seen = seen[b];
+          const auto count = std::upper_bound(positions_seen.begin(), positions_seen.end(), at) -
+                             positions_seen.begin();
+          attend(qkv_ + r * qkv_width, layer_keys + b * keys.stride(1),
+                 layer_values + b * values.stride(1), capacity, positions_seen.data(), count,
+                 out);
+        }
+      });
+      gemm(attended_, attention_width, rows, layer.o, x_, hidden_, true);
+      norm_rows(x_, layer.post_attention_norm, rows, normed_);
+      gemm(normed_, hidden_, rows, layer.gate_up, gate_up_, 2 * intermediate_, false);
+      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float* gate = gate_up_ + r * 2 * intermediate_;
+          silu_times(gate, gate + intermediate_, intermediate_, activated_ + r * intermediate_);
+        }
+      });
+      gemm(activated_, intermediate_, rows, layer.down, x_, hidden_, true);
+    }
+    at::Tensor hidden = at::empty({batch, length, hidden_}, options);
+    norm_rows(x_, norm_, rows, hidden.data_ptr<float>());
+    return hidden;
+  }
+
+ private:
+  static constexpr int64_t kRowGrain = 16;  // rows of element-wise work worth a thread
+
+  void norm_rows(const float* x, const at::Tensor& weight, int64_t rows, float* out) const {
+    const float* w = weight.data_ptr<float>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) rms_norm(x + r * hidden_, w, hidden_, eps_, out + r * hidden_);
+    });
+  }
+
+  // Normalise and rotate a token's query and key heads in place, and store its key and value
+  // heads in the cache (`keys`, `values`: the token's slot of kv head 0; heads are `capacity`
+  // positions apart).
+  void store_keys(float* qkv, const float* qk_norm, const float* cos, const float* signed_sin,
+                  float* keys, float* values, int64_t capacity) const {
+    for (int64_t h = 0; h < heads_ + kv_heads_; ++h) {
+      float* head = qkv + h * head_dim_;
+      rms_norm(head, qk_norm + h * head_dim_, head_dim_, eps_, head);
+      rotate(head, cos, signed_sin, head_dim_);
+    }
+    for (int64_t g = 0; g < kv_heads_; ++g) {
+      const int64_t offset = g * capacity * head_dim_;
+      std::memcpy(keys + offset, qkv + (heads_ + g) * head_dim_, head_dim_ * sizeof(float));
+      std::memcpy(values + offset, qkv + (heads_ + kv_heads_ + g) * head_dim_,
+                  head_dim_ * sizeof(float));
+    }
+  }
+
+  // A token's attention over `count` cache positions. `keys`, `values`: its batch row's cache,
+  // [kv_heads][capacity][head_dim]; each kv head serves heads / kv_heads query heads.
+  void attend(const float* qkv, const float* keys, const float* values, int64_t capacity,
+              const int64_t* positions, int64_t count, float* out) const {
+    const int64_t groups = heads_ / kv_heads_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+    std::vector<float> weights(groups * count);
+    for (int64_t g = 0; g < kv_heads_; ++g) {
+      const float* head_keys = keys + g * capacity * head_dim_;
+      const float* head_values = values + g * capacity * head_dim_;
+      const float* query = qkv + g * groups * head_dim_;
+      for (int64_t i = 0; i < count; ++i) {
+        const float* key = head_keys + positions[i] * head_dim_;
+        for (int64_t q = 0; q < groups; ++q) {
+          Vec acc{};
+          for (int64_t d = 0; d < head_dim_; d += kLanes) {
+            acc += load(query + q * head_dim_ + d) * load(key + d);
+          }
+          weights[q * count + i] = sum(acc) * scale;
+        }
+      }
+      for (int64_t q = 0; q < groups; ++q) softmax(weights.data() + q * count, count);
+      for (int64_t q = 0; q < groups; ++q) {
+        float* head_out = out + (g * groups + q) * head_dim_;
+        for (int64_t d = 0; d < head_dim_; d += kLanes) {
+          Vec acc{};
+          for (int64_t i = 0; i < count; ++i) {
+            acc += splat(weights[q * count + i]) * load(head_values + positions[i] * head_dim_ + d);
+          }
+          store(head_out + d, acc);
+        }
+      }
+    }
+  }
+
+  int64_t heads_, kv_heads_, head_dim_, intermediate_, hidden_;
+  float eps_;
+  at::Tensor embed_, norm_;
+  std::vector<Layer> layers_;
+};
+
+// [n, k] bf16 weight (n a multiple of 32) -> panels [n / 32, k, 32], columns paired as
+// load_bf16_pair reads them.
+at::Tensor pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "bf16 [n, k] weight");
+  TORCH_CHECK(weight.size(0) % kPanelWidth == 0, "rows must be a multiple of ", kPanelWidth);
+  const int64_t panels = weight.size(0) / kPanelWidth;
+  return weight.view({panels, 2, kLanes, weight.size(1)})
+      .permute({0, 3, 2, 1})
+      .contiguous()
+      .view({panels, weight.size(1), kPanelWidth});
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& panels) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "float32 [m, k] input");
+  TORCH_CHECK(x.size(1) == panels.size(1), "input width does not match the weight");
+  at::Tensor input = x.contiguous();
+  const int64_t width = panels.size(0) * kPanelWidth;
+  at::Tensor y = at::empty({input.size(0), width}, input.options());
+  gemm(input.data_ptr<float>(), input.size(1), input.size(0), panels, y.data_ptr<float>(), width,
+       false);
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("PANEL_WIDTH") = kPanelWidth;
+  m.attr("VECTOR_WIDTH") = kLanes;
+  m.def("pack", &pack, "Pack a bf16 [n, k] weight into panels for `linear`.");
+  m.def("linear", &linear, "x [m, k] float32 times packed W^T.");
+  pybind11::class_<Qwen3Forward>(m, "Qwen3Forward")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, at::Tensor,
+                          std::vector<std::vector<at::Tensor>>, at::Tensor>())
+      .def("forward", &Qwen3Forward::forward);
+}
