@@ -12,7 +12,14 @@ ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
-    HF_HOME=/data/.huggingface
+    HF_HOME=/data/.huggingface \
+    TORCH_EXTENSIONS_DIR=/data/.torch_extensions
+
+# A C++ compiler for the native backend's CPU kernels. They are compiled for the CPU they run on,
+# at the first start (about a minute), and kept in /data.
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /usr/src
 

@@ -11,6 +11,7 @@ weights and a silent [STOP] row, so every sentence runs exactly to its token lim
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import multiprocessing
@@ -49,6 +50,7 @@ PARAGRAPH = (
     "This paragraph has six sentences, which is typical for a spoken reply."
 )
 BATCH_SIZES = (1, 4, 16)
+STEP_BATCH_SIZES = (1, 16)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Settings:
 @dataclass(frozen=True)
 class Task:
     kind: str
-    """'lm', 'decoder', 'e2e' or 'ttfa'."""
+    """'lm', 'step', 'decoder', 'e2e' or 'ttfa'."""
     label: str
     arg: Any = None
 
@@ -71,6 +73,10 @@ class Task:
 def tasks(settings: Settings) -> list[Task]:
     return [
         *(Task("lm", f"LM tokens/s, {n} sequence{'s' * (n > 1)}", n) for n in BATCH_SIZES),
+        *(
+            Task("step", f"LM decode step, {n} sequence{'s' * (n > 1)} (ms)", n)
+            for n in STEP_BATCH_SIZES
+        ),
         Task("decoder", f"decoder × real time ({settings.decoder_tokens} tokens)"),
         Task("e2e", "infer × real time, one sentence", SENTENCE),
         Task("e2e", "infer × real time, paragraph (6 sentences)", PARAGRAPH),
@@ -114,19 +120,9 @@ def worker(
     if threads is not None:
         torch.set_num_threads(threads)
     name, options = parse_backend(spec)
-    if options:
-        import soprano.tts
-        from soprano.lm.native import NativeLM
-
-        # SopranoTTS passes no backend options: have it load the configured native LM instead
-        # (loading the default one first would inflate this worker's peak memory).
-        def load_native(
-            name: str, checkpoint: Any, device: torch.device, cache_size_mb: int
-        ) -> NativeLM:
-            return NativeLM(checkpoint, device, **options)
-
-        soprano.tts.load_language_model = load_native
-    tts = SopranoTTS(backend=name, device=device, model_path=checkpoint, warmup=False)
+    tts = SopranoTTS(
+        backend=name, device=device, model_path=checkpoint, warmup=False, backend_options=options
+    )
     tts.infer("Hello world!", max_new_tokens=8)
     runners = _runners(tts, settings)
     pipe.send("ready")
@@ -156,6 +152,12 @@ def _runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], float]]:
         assert all(len(g.tokens) == settings.lm_tokens for g in generations)
         return batch * settings.lm_tokens / elapsed
 
+    def step(batch: int) -> float:
+        """Median time between two steps of `stream`: the decode step without the prompt."""
+        params = SamplingParams(max_new_tokens=settings.lm_tokens)
+        times = [time.perf_counter() for _ in tts.lm.stream([prompt] * batch, params)]
+        return statistics.median(b - a for a, b in itertools.pairwise(times)) * 1000
+
     def decoder(_: None) -> float:
         start = time.perf_counter()
         (audio,) = tts.decoder.decode([frames])
@@ -175,7 +177,7 @@ def _runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], float]]:
         chunks.close()
         return elapsed * 1000
 
-    return {"lm": lm, "decoder": decoder, "e2e": e2e, "ttfa": ttfa}
+    return {"lm": lm, "step": step, "decoder": decoder, "e2e": e2e, "ttfa": ttfa}
 
 
 def run(

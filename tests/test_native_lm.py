@@ -7,14 +7,16 @@ whose sequences end at different steps (so finished rows leave the batch), and t
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
+import soprano.lm.native as native_module
 from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
-from soprano.lm import SamplingParams, load_language_model
+from soprano.lm import SamplingParams, kernels, load_language_model
 from soprano.lm.base import Generation, LanguageModel, Step
 from soprano.lm.kernels import cpu_kernels
 from soprano.lm.linear import HalfStoredLinear, PanelLinear, fbgemm_available, replace_linears
@@ -226,3 +228,18 @@ def test_bad_options(checkpoint):
         NativeLM(checkpoint, CPU, dtype="float64")
     with pytest.raises(ValueError, match="threads"):
         NativeLM(checkpoint, CPU, threads=0)
+
+
+def test_without_a_compiler_the_pytorch_path_runs(
+    checkpoint, reference, prompts, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="soprano.lm.kernels"):
+        assert kernels.cpu_kernels.__wrapped__() is None
+    assert "Could not build the native CPU kernels" in caplog.text
+
+    monkeypatch.setattr(native_module, "cpu_kernels", lambda: None)
+    lm = NativeLM(checkpoint, CPU)
+    assert lm.model.compiled is None
+    assert_same_generations(lm.generate(prompts, GREEDY), reference.generate(prompts, GREEDY))

@@ -43,6 +43,16 @@ def cpu_kernels() -> ModuleType | None:
         return None
 
 
+def main() -> int:
+    """`python -m soprano.lm.kernels`: build now (as script/setup does) rather than on first use."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    kernels = cpu_kernels()
+    if kernels is None:
+        return 1
+    _LOGGER.info("Native CPU kernels ready: %s", kernels.__file__)
+    return 0
+
+
 def _cpu_tag() -> str:
     """Names the build after the CPU's features, since -march=native code is only for them."""
     features = platform.machine()
@@ -52,3 +62,7 @@ def _cpu_tag() -> str:
     except OSError:
         pass
     return hashlib.sha256(features.encode()).hexdigest()[:12]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -226,6 +226,7 @@ class Qwen3Forward {
     TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions");
     TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && visible.is_contiguous(),
                 "contiguous cache");
+    TORCH_CHECK(visible.scalar_type() == at::kBool && keys.scalar_type() == at::kFloat, "cache");
     TORCH_CHECK(keys.size(4) == head_dim_ && keys.size(0) == (int64_t)layers_.size(), "cache");
     const int64_t batch = tokens.size(0);
     const int64_t length = tokens.size(1);
@@ -317,7 +318,9 @@ class Qwen3Forward {
   void norm_rows(const float* x, const at::Tensor& weight, int64_t rows, float* out) const {
     const float* w = weight.data_ptr<float>();
     at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) rms_norm(x + r * hidden_, w, hidden_, eps_, out + r * hidden_);
+      for (int64_t r = begin; r < end; ++r) {
+        rms_norm(x + r * hidden_, w, hidden_, eps_, out + r * hidden_);
+      }
     });
   }
 
@@ -366,7 +369,8 @@ class Qwen3Forward {
         for (int64_t d = 0; d < head_dim_; d += kLanes) {
           Vec acc{};
           for (int64_t i = 0; i < count; ++i) {
-            acc += splat(weights[q * count + i]) * load(head_values + positions[i] * head_dim_ + d);
+            const float* value = head_values + positions[i] * head_dim_;
+            acc += splat(weights[q * count + i]) * load(value + d);
           }
           store(head_out + d, acc);
         }
@@ -409,9 +413,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("PANEL_WIDTH") = kPanelWidth;
   m.attr("VECTOR_WIDTH") = kLanes;
   m.def("pack", &pack, "Pack a bf16 [n, k] weight into panels for `linear`.");
-  m.def("linear", &linear, "x [m, k] float32 times packed W^T.");
+  // Both release the GIL, so that other Python threads (an asyncio server's) run meanwhile.
+  m.def("linear", &linear, "x [m, k] float32 times packed W^T.",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<Qwen3Forward>(m, "Qwen3Forward")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, at::Tensor,
                           std::vector<std::vector<at::Tensor>>, at::Tensor>())
-      .def("forward", &Qwen3Forward::forward);
+      .def("forward", &Qwen3Forward::forward,
+           pybind11::call_guard<pybind11::gil_scoped_release>());
 }
