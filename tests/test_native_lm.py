@@ -213,7 +213,7 @@ def test_panel_storage_is_exact_or_refused():
     not_bf16 = weight.clone()
     not_bf16[1, 2] += 1e-6
     assert PanelLinear.from_weight(not_bf16, kernels) is None
-    assert PanelLinear.from_weight(weight[:80], kernels) is None  # not whole panels
+    assert PanelLinear.from_weight(weight[: kernels.PANEL_WIDTH + 8], kernels) is None  # part panel
     model = torch.nn.Sequential(
         torch.nn.Linear(80, 96, bias=False), torch.nn.Linear(96, 96, bias=False)
     )

@@ -18,13 +18,21 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
 
+// Floats per vector, and batch rows multiplied per pass over a weight panel: as many as leave
+// the accumulators (rows x 2 vectors) in registers (32 with AVX-512, 16 with AVX2).
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+constexpr int kMaxPanelRows = 8;
+#else
+constexpr int kLanes = 8;
+constexpr int kMaxPanelRows = 6;
+#endif
 constexpr int kPanelWidth = 2 * kLanes;  // output columns per packed weight panel
-constexpr int kMaxPanelRows = 6;         // batch rows multiplied per pass over a panel
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -39,7 +47,7 @@ inline Vec load(const float* p) {
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
 // Panels hold bf16 weights in pairs: the 32-bit word j of a row carries column j in its low half
-// and column j + 16 in its high half, so one load and two bit operations widen 32 weights.
+// and column j + kLanes in its high half, so one load and two bit operations widen a panel row.
 inline void load_bf16_pair(const uint16_t* p, Vec& low, Vec& high) {
   UintVec words;
   std::memcpy(&words, p, sizeof words);
@@ -47,10 +55,12 @@ inline void load_bf16_pair(const uint16_t* p, Vec& low, Vec& high) {
   high = (Vec)(words & 0xFFFF0000u);
 }
 
-inline Vec splat(float x) {
-  static_assert(kLanes == 16, "one initialiser per lane");
-  return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+template <size_t... Lane>
+inline Vec splat(float x, std::index_sequence<Lane...>) {
+  return Vec{((void)Lane, x)...};  // an initialiser per lane compiles to one broadcast
 }
+
+inline Vec splat(float x) { return splat(x, std::make_index_sequence<kLanes>{}); }
 
 inline float sum(Vec v) {
   float total = 0.0f;
@@ -113,9 +123,10 @@ void panel_product(const float* x, int64_t x_stride, const uint16_t* panel, int6
 
 using PanelProduct = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
                               bool, const uint16_t*);
-constexpr PanelProduct kPanelProducts[kMaxPanelRows + 1] = {
-    nullptr,           panel_product<1>, panel_product<2>, panel_product<3>,
-    panel_product<4>, panel_product<5>, panel_product<6>};
+constexpr PanelProduct kPanelProducts[] = {
+    nullptr,          panel_product<1>, panel_product<2>, panel_product<3>, panel_product<4>,
+    panel_product<5>, panel_product<6>, panel_product<7>, panel_product<8>};
+static_assert(sizeof(kPanelProducts) / sizeof(kPanelProducts[0]) > kMaxPanelRows);
 
 // x: rows x depth floats (row stride x_stride); y: rows x width (row stride y_stride).
 void gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& panels, float* y,
@@ -384,8 +395,8 @@ class Qwen3Forward {
   std::vector<Layer> layers_;
 };
 
-// [n, k] bf16 weight (n a multiple of 32) -> panels [n / 32, k, 32], columns paired as
-// load_bf16_pair reads them.
+// [n, k] bf16 weight (n a multiple of kPanelWidth) -> panels [n / kPanelWidth, k, kPanelWidth],
+// columns paired as load_bf16_pair reads them.
 at::Tensor pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "bf16 [n, k] weight");
   TORCH_CHECK(weight.size(0) % kPanelWidth == 0, "rows must be a multiple of ", kPanelWidth);
