@@ -62,10 +62,24 @@ inline Vec splat(float x, std::index_sequence<Lane...>) {
 
 inline Vec splat(float x) { return splat(x, std::make_index_sequence<kLanes>{}); }
 
+// v with its lanes moved down by Shift (wrapping round).
+template <int Shift, size_t... Lane>
+inline Vec rotate_lanes(Vec v, std::index_sequence<Lane...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(v, v, ((Lane + Shift) % kLanes)...);
+#else
+  return __builtin_shuffle(v, IntVec{((Lane + Shift) % kLanes)...});
+#endif
+}
+
+// The sum of the lanes, folding halves together (log2(kLanes) shuffles and adds).
+template <int Half = kLanes / 2>
 inline float sum(Vec v) {
-  float total = 0.0f;
-  for (int i = 0; i < kLanes; ++i) total += v[i];
-  return total;
+  if constexpr (Half == 0) {
+    return v[0];
+  } else {
+    return sum<Half / 2>(v + rotate_lanes<Half>(v, std::make_index_sequence<kLanes>{}));
+  }
 }
 
 // exp(x) to about 1 ulp (Cephes' polynomial on [-ln2/2, ln2/2], scaled by 2^n).
@@ -265,6 +279,9 @@ class Qwen3Forward {
     const float* cos_ = cos.data_ptr<float>();
     const float* signed_sin_ = signed_sin.data_ptr<float>();
 
+    const int64_t key_grain = rows_worth_a_thread(qkv_width);
+    const int64_t activation_grain = rows_worth_a_thread(2 * intermediate_);
+
     // Per batch row, the cache positions it may attend to, ascending.
     std::vector<std::vector<int64_t>> seen(batch);
     for (int64_t b = 0; b < batch; ++b) {
@@ -279,7 +296,7 @@ class Qwen3Forward {
       float* layer_values = values.data_ptr<float>() + l * values.stride(0);
       norm_rows(x_, layer.input_norm, rows, normed_);
       gemm(normed_, hidden_, rows, layer.qkv, qkv_, qkv_width, false);
-      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, key_grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r / length;
           const int64_t at = start + r % length;
@@ -310,7 +327,7 @@ class Qwen3Forward {
       gemm(attended_, attention_width, rows, layer.o, x_, hidden_, true);
       norm_rows(x_, layer.post_attention_norm, rows, normed_);
       gemm(normed_, hidden_, rows, layer.gate_up, gate_up_, 2 * intermediate_, false);
-      at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, activation_grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const float* gate = gate_up_ + r * 2 * intermediate_;
           silu_times(gate, gate + intermediate_, intermediate_, activated_ + r * intermediate_);
@@ -324,11 +341,16 @@ class Qwen3Forward {
   }
 
  private:
-  static constexpr int64_t kRowGrain = 16;  // rows of element-wise work worth a thread
+  // Element-wise work is split between threads only in pieces big enough to pay for it.
+  static int64_t rows_worth_a_thread(int64_t row_width) {
+    constexpr int64_t kElementsWorthAThread = 32768;
+    return std::max<int64_t>(1, kElementsWorthAThread / row_width);
+  }
 
   void norm_rows(const float* x, const at::Tensor& weight, int64_t rows, float* out) const {
     const float* w = weight.data_ptr<float>();
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    const int64_t grain = rows_worth_a_thread(hidden_);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         rms_norm(x + r * hidden_, w, hidden_, eps_, out + r * hidden_);
       }
@@ -375,15 +397,18 @@ class Qwen3Forward {
         }
       }
       for (int64_t q = 0; q < groups; ++q) softmax(weights.data() + q * count, count);
-      for (int64_t q = 0; q < groups; ++q) {
-        float* head_out = out + (g * groups + q) * head_dim_;
-        for (int64_t d = 0; d < head_dim_; d += kLanes) {
-          Vec acc{};
-          for (int64_t i = 0; i < count; ++i) {
-            const float* value = head_values + positions[i] * head_dim_;
-            acc += splat(weights[q * count + i]) * load(value + d);
+      // Position by position, so that the sums over head_dim run side by side (a chain of
+      // dependent multiply-adds per output vector would wait on each one's latency).
+      float* group_out = out + g * groups * head_dim_;
+      std::fill(group_out, group_out + groups * head_dim_, 0.0f);
+      for (int64_t i = 0; i < count; ++i) {
+        const float* value = head_values + positions[i] * head_dim_;
+        for (int64_t q = 0; q < groups; ++q) {
+          const Vec weight = splat(weights[q * count + i]);
+          float* head_out = group_out + q * head_dim_;
+          for (int64_t d = 0; d < head_dim_; d += kLanes) {
+            store(head_out + d, load(head_out + d) + weight * load(value + d));
           }
-          store(head_out + d, acc);
         }
       }
     }
