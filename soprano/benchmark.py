@@ -35,7 +35,8 @@ CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "benchmark"
 DEFAULT_BACKENDS = "transformers,native,native:dtype=int8"
 ACCURACY_VARIANTS = (
     "native",
-    "native:half_weights=0",
+    "native:kernels=0",
+    "native:kernels=0;half_weights=0",
     "native:dtype=bfloat16",
     "native:dtype=int8",
 )

@@ -45,7 +45,8 @@ class SopranoTTS:
     """Load a Soprano checkpoint once and synthesize speech from text.
 
     `backend_options` tune the native backend: dtype ('float32' exact, 'bfloat16', 'int8'),
-    half_weights (exact fp16 storage of the bf16 checkpoint weights) and threads.
+    kernels (the compiled CPU forward), half_weights (exact fp16 storage of the bf16 weights where
+    the kernels are off) and threads.
 
     Not thread-safe: callers that serve several clients serialise their calls.
     """

@@ -49,7 +49,7 @@ def load_language_model(
 ) -> LanguageModel:
     """Load the named backend ('auto' resolved) on `device`.
 
-    `options` go to the native backend (dtype, half_weights, threads); the others take none.
+    `options` go to the native backend (dtype, kernels, half_weights, threads); others take none.
     """
     name = select_backend(name, device)
     if name == "native":
