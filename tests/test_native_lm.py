@@ -6,7 +6,6 @@ whose sequences end at different steps (so finished rows leave the batch), and t
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
@@ -205,29 +204,27 @@ def test_panel_storage_is_exact_or_refused():
     kernels = cpu_kernels()
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(96, 80, generator=generator) / 24).bfloat16().float()
-    layer = PanelLinear.from_weight(weight, kernels)
+    other = (torch.randn(64, 96, generator=generator) / 24).bfloat16().float()
+    layer, other_layer = PanelLinear.pack_all([weight, other], kernels)
     for rows in (1, 5, 7, 13):  # row blocks of the GEMM, with and without remainders
         x = torch.randn(2, rows, 80, generator=generator)
         torch.testing.assert_close(layer(x), x @ weight.T, atol=1e-6, rtol=1e-6)
+    x = torch.randn(3, 96, generator=generator)
+    torch.testing.assert_close(other_layer(x), x @ other.T, atol=1e-6, rtol=1e-6)
 
+    assert PanelLinear.fits(weight, kernels)
     not_bf16 = weight.clone()
     not_bf16[1, 2] += 1e-6
-    assert PanelLinear.from_weight(not_bf16, kernels) is None
-    assert PanelLinear.from_weight(weight[: kernels.PANEL_WIDTH + 8], kernels) is None  # part panel
-    model = torch.nn.Sequential(
-        torch.nn.Linear(80, 96, bias=False), torch.nn.Linear(96, 96, bias=False)
-    )
-    model[0].weight.data, model[1].weight.data = weight, not_bf16
-    panels = functools.partial(PanelLinear.from_weight, kernels=kernels)
-    assert replace_linears(model, panels) == (1, 1)
-    assert isinstance(model[0], PanelLinear) and isinstance(model[1], torch.nn.Linear)
+    assert not PanelLinear.fits(not_bf16, kernels)
+    assert not PanelLinear.fits(weight[: kernels.PANEL_WIDTH + 8], kernels)  # part of a panel
 
 
-def test_bad_options(checkpoint):
-    with pytest.raises(ValueError, match="dtype"):
-        NativeLM(checkpoint, CPU, dtype="float64")
-    with pytest.raises(ValueError, match="threads"):
-        NativeLM(checkpoint, CPU, threads=0)
+def test_compiled_forward_needs_every_weight_to_fit(checkpoint: Checkpoint):
+    lm = NativeLM(checkpoint, CPU, kernels=False, half_weights=False)
+    lm.model.layers[1].mlp.down_proj.weight.data[0, 0] += 1e-6  # no longer a bf16 value
+    assert not lm.model.use_cpu_kernels(cpu_kernels())
+    assert lm.model.compiled is None
+    assert linear_kinds(lm) == {torch.nn.Linear}
 
 
 def test_without_a_compiler_the_pytorch_path_runs(

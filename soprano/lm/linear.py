@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -44,14 +44,25 @@ class PanelLinear(nn.Module):
         self.panels = panels
         self.kernels = kernels
 
-    @classmethod
-    def from_weight(cls, weight: Tensor, kernels: ModuleType) -> PanelLinear | None:
-        """Pack `weight` [out, in]; None when it is not exactly bf16 or its shape does not fit."""
+    @staticmethod
+    def fits(weight: Tensor, kernels: ModuleType) -> bool:
+        """Whether `weight` [out, in] is exactly bf16 and made of whole panels."""
         weight = weight.detach()
-        half = weight.bfloat16()
-        if weight.shape[0] % kernels.PANEL_WIDTH or not torch.equal(half.to(weight.dtype), weight):
-            return None
-        return cls(kernels.pack(half), kernels)
+        return weight.shape[0] % kernels.PANEL_WIDTH == 0 and torch.equal(
+            weight.bfloat16().to(weight.dtype), weight
+        )
+
+    @classmethod
+    def pack_all(cls, weights: Sequence[Tensor], kernels: ModuleType) -> list[PanelLinear]:
+        """One layer per weight (each must fit), all in one buffer on huge pages where possible."""
+        buffer = kernels.empty_panels(sum(weight.numel() for weight in weights))
+        layers, offset = [], 0
+        for weight in weights:
+            size = weight.numel()
+            panels = kernels.pack(weight.detach().bfloat16(), buffer[offset : offset + size])
+            layers.append(cls(panels, kernels))
+            offset += size
+        return layers
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.kernels.linear(x.reshape(-1, x.shape[-1]), self.panels)

@@ -11,7 +11,6 @@ the same arithmetic without a kernel launch per small operation.
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soprano.checkpoint import LMConfig
-from soprano.lm.linear import PanelLinear, add_projection, replace_linears
+from soprano.lm.linear import PanelLinear, add_projection
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -316,9 +315,17 @@ class Qwen3(nn.Module):
         config = self.config
         if self.norm.dtype != torch.float32 or config.head_dim % kernels.VECTOR_WIDTH:
             return False
-        _, kept = replace_linears(self, functools.partial(PanelLinear.from_weight, kernels=kernels))
-        if kept:
+        linears = [
+            (parent, name, child)
+            for parent in self.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, nn.Linear)
+        ]
+        if not all(PanelLinear.fits(child.weight, kernels) for _, _, child in linears):
             return False
+        packed = PanelLinear.pack_all([child.weight for _, _, child in linears], kernels)
+        for (parent, name, _), layer in zip(linears, packed, strict=True):
+            setattr(parent, name, layer)
         self.compiled = kernels.Qwen3Forward(
             config.num_attention_heads,
             config.num_key_value_heads,

@@ -16,10 +16,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -420,16 +425,35 @@ class Qwen3Forward {
   std::vector<Layer> layers_;
 };
 
-// [n, k] bf16 weight (n a multiple of kPanelWidth) -> panels [n / kPanelWidth, k, kPanelWidth],
-// columns paired as load_bf16_pair reads them.
-at::Tensor pack(const at::Tensor& weight) {
+// A bf16 buffer of `numel` elements for panels, on 2 MB pages where Linux offers them: every
+// decode step streams all weights, and 4 KB pages would cost a TLB miss per page (~5% of a step).
+at::Tensor empty_panels(int64_t numel) {
+  const auto options = at::TensorOptions().dtype(at::kBFloat16);
+#if defined(__linux__)
+  constexpr size_t kHugePage = 2 << 20;
+  const size_t bytes = (numel * sizeof(uint16_t) + kHugePage - 1) / kHugePage * kHugePage;
+  void* data = std::aligned_alloc(kHugePage, bytes);
+  TORCH_CHECK(data != nullptr, "cannot allocate ", bytes, " bytes for the weights");
+  madvise(data, bytes, MADV_HUGEPAGE);  // only a hint: without it the pages stay small
+  return at::from_blob(data, {numel}, [](void* p) { std::free(p); }, options);
+#else
+  return at::empty({numel}, options);
+#endif
+}
+
+// Writes a [n, k] bf16 weight (n a multiple of kPanelWidth) into `out` (n·k elements, e.g. a
+// slice of empty_panels) as panels [n / kPanelWidth, k, kPanelWidth], columns paired as
+// load_bf16_pair reads them; returns that view of `out`.
+at::Tensor pack(const at::Tensor& weight, const at::Tensor& out) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "bf16 [n, k] weight");
   TORCH_CHECK(weight.size(0) % kPanelWidth == 0, "rows must be a multiple of ", kPanelWidth);
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() &&
+                  out.numel() == weight.numel(), "out must hold the weight");
   const int64_t panels = weight.size(0) / kPanelWidth;
-  return weight.view({panels, 2, kLanes, weight.size(1)})
-      .permute({0, 3, 2, 1})
-      .contiguous()
-      .view({panels, weight.size(1), kPanelWidth});
+  at::Tensor packed = out.view({panels, weight.size(1), kPanelWidth});
+  packed.view({panels, weight.size(1), kLanes, 2})
+      .copy_(weight.view({panels, 2, kLanes, weight.size(1)}).permute({0, 3, 2, 1}));
+  return packed;
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels) {
@@ -448,7 +472,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& panels) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("PANEL_WIDTH") = kPanelWidth;
   m.attr("VECTOR_WIDTH") = kLanes;
-  m.def("pack", &pack, "Pack a bf16 [n, k] weight into panels for `linear`.");
+  m.def("empty_panels", &empty_panels, "A bf16 buffer for panels, on huge pages where possible.");
+  m.def("pack", &pack, "Write a bf16 [n, k] weight into `out` as panels for `linear`.");
   // Both release the GIL, so that other Python threads (an asyncio server's) run meanwhile.
   m.def("linear", &linear, "x [m, k] float32 times packed W^T.",
         pybind11::call_guard<pybind11::gil_scoped_release>());
