@@ -219,6 +219,34 @@ def test_panel_storage_is_exact_or_refused():
     assert not PanelLinear.fits(weight[: kernels.PANEL_WIDTH + 8], kernels)  # part of a panel
 
 
+def test_bf16_products_round_only_the_input():
+    kernels = cpu_kernels()
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(64, 80, generator=generator) / 24).bfloat16().float()
+    if not kernels.BF16_PRODUCTS:
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            PanelLinear.pack_all([weight], kernels, bf16_products=True)
+        return
+    (layer,) = PanelLinear.pack_all([weight], kernels, bf16_products=True)
+    assert layer.panels.dtype == torch.int32
+    for rows in (1, 9):
+        x = torch.randn(rows, 80, generator=generator)
+        expected = x.bfloat16().float() @ weight.T
+        torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
+    assert not PanelLinear.fits(weight[:, :79], kernels, bf16_products=True)  # odd width
+
+
+def test_bfloat16_uses_the_kernels_where_the_cpu_has_bf16_products(checkpoint: Checkpoint):
+    lm = NativeLM(checkpoint, CPU, dtype="bfloat16")
+    if cpu_kernels().BF16_PRODUCTS:
+        assert lm.model.compiled is not None
+        panels = {m.panels.dtype for m in lm.model.modules() if isinstance(m, PanelLinear)}
+        assert panels == {torch.int32}
+    else:
+        assert lm.model.compiled is None
+        assert lm.model.norm.dtype == torch.bfloat16
+
+
 def test_compiled_forward_needs_every_weight_to_fit(checkpoint: Checkpoint):
     lm = NativeLM(checkpoint, CPU, kernels=False, half_weights=False)
     lm.model.layers[1].mlp.down_proj.weight.data[0, 0] += 1e-6  # no longer a bf16 value

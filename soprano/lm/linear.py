@@ -37,7 +37,8 @@ def fbgemm_available() -> bool:
 
 
 class PanelLinear(nn.Module):
-    """y = x · Wᵀ in fp32 arithmetic on bf16-held W, by the native CPU kernels."""
+    """y = x · Wᵀ on bf16-held W by the native CPU kernels: fp32 products (exact), or with
+    `bf16_products` (lossy, CPUs with AVX512-BF16) x rounded to bf16 and twice the throughput."""
 
     def __init__(self, panels: Tensor, kernels: ModuleType) -> None:
         super().__init__()
@@ -45,21 +46,28 @@ class PanelLinear(nn.Module):
         self.kernels = kernels
 
     @staticmethod
-    def fits(weight: Tensor, kernels: ModuleType) -> bool:
-        """Whether `weight` [out, in] is exactly bf16 and made of whole panels."""
+    def fits(weight: Tensor, kernels: ModuleType, bf16_products: bool = False) -> bool:
+        """Whether `weight` [out, in] is exactly bf16 and has the shape the kernels take."""
         weight = weight.detach()
-        return weight.shape[0] % kernels.PANEL_WIDTH == 0 and torch.equal(
-            weight.bfloat16().to(weight.dtype), weight
+        rows, width = weight.shape
+        return (
+            rows % kernels.PANEL_WIDTH == 0
+            and not (bf16_products and width % 2)
+            and torch.equal(weight.bfloat16().to(weight.dtype), weight)
         )
 
     @classmethod
-    def pack_all(cls, weights: Sequence[Tensor], kernels: ModuleType) -> list[PanelLinear]:
+    def pack_all(
+        cls, weights: Sequence[Tensor], kernels: ModuleType, bf16_products: bool = False
+    ) -> list[PanelLinear]:
         """One layer per weight (each must fit), all in one buffer on huge pages where possible."""
         buffer = kernels.empty_panels(sum(weight.numel() for weight in weights))
         layers, offset = [], 0
         for weight in weights:
             size = weight.numel()
-            panels = kernels.pack(weight.detach().bfloat16(), buffer[offset : offset + size])
+            panels = kernels.pack(
+                weight.detach().bfloat16(), buffer[offset : offset + size], bf16_products
+            )
             layers.append(cls(panels, kernels))
             offset += size
         return layers

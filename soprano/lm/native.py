@@ -36,8 +36,9 @@ class NativeLM(LanguageModel):
 
     - dtype: 'float32' (exact: the arithmetic of the transformers backend in fp32), 'bfloat16'
       or 'int8' (dynamic int8 quantisation, CPU only); the last two trade accuracy for speed.
-    - kernels: on CPUs, decode with the compiled kernels of soprano/lm/csrc (built on first
-      use; same results). Only used with dtype 'float32'.
+      On CPUs with AVX512-BF16 the kernels run 'bfloat16' as bf16 products summed in fp32.
+    - kernels: on CPUs, run the forward in the compiled kernels of soprano/lm/csrc (built on
+      first use; same results as without).
     - half_weights: where the kernels are off or cannot be built, on x86 CPUs, hold float32
       weights as exactly-representable fp16 for FBGEMM (same results, half the memory traffic).
     - threads: torch's intra-op threads (None leaves torch's default, one per core).
@@ -68,9 +69,13 @@ class NativeLM(LanguageModel):
         if dtype == "int8":
             replace_linears(model, DynamicInt8Linear)
         elif dtype == "bfloat16":
-            model = model.to(torch.bfloat16)
+            if not (device.type == "cpu" and self._use_kernels(model, kernels, bf16_products=True)):
+                model = model.to(torch.bfloat16)
         elif device.type == "cpu":
-            self._store_exact_weights(model, kernels, half_weights)
+            compiled = self._use_kernels(model, kernels)
+            if not compiled and half_weights and fbgemm_available():
+                replace_linears(model, HalfStoredLinear.from_weight)
+        _LOGGER.debug("Native LM forward: %s", "compiled" if model.compiled else "PyTorch")
         self.model = model.to(device)
         self.dtype = dtype
         self.device = device
@@ -78,11 +83,12 @@ class NativeLM(LanguageModel):
         self.vocab_size = config.vocab_size
 
     @staticmethod
-    def _store_exact_weights(model: Qwen3, kernels: bool, half_weights: bool) -> None:
-        compiled = kernels and (built := cpu_kernels()) is not None and model.use_cpu_kernels(built)
-        if not compiled and half_weights and fbgemm_available():
-            replace_linears(model, HalfStoredLinear.from_weight)
-        _LOGGER.debug("Native LM forward: %s", "compiled" if compiled else "PyTorch")
+    def _use_kernels(model: Qwen3, kernels: bool, bf16_products: bool = False) -> bool:
+        if not kernels or (built := cpu_kernels()) is None:
+            return False
+        if bf16_products and not built.BF16_PRODUCTS:
+            return False
+        return model.use_cpu_kernels(built, bf16_products)
 
     @torch.inference_mode()
     def stream(

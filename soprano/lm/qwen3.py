@@ -306,11 +306,11 @@ class Qwen3(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
-    def use_cpu_kernels(self, kernels: ModuleType) -> bool:
+    def use_cpu_kernels(self, kernels: ModuleType, bf16_products: bool = False) -> bool:
         """Hold the weights as bf16 panels and run the forward in the compiled kernels.
 
-        Only where that is exact (bf16 weights, float32 model) and the shapes suit the kernels;
-        returns whether it was done.
+        Exact (fp32 products) unless `bf16_products`. Only where the weights are bf16 values in a
+        float32 model and the shapes suit the kernels; returns whether it was done.
         """
         config = self.config
         if self.norm.dtype != torch.float32 or config.head_dim % kernels.VECTOR_WIDTH:
@@ -321,9 +321,10 @@ class Qwen3(nn.Module):
             for name, child in parent.named_children()
             if isinstance(child, nn.Linear)
         ]
-        if not all(PanelLinear.fits(child.weight, kernels) for _, _, child in linears):
+        weights = [child.weight for _, _, child in linears]
+        if not all(PanelLinear.fits(weight, kernels, bf16_products) for weight in weights):
             return False
-        packed = PanelLinear.pack_all([child.weight for _, _, child in linears], kernels)
+        packed = PanelLinear.pack_all(weights, kernels, bf16_products)
         for (parent, name, _), layer in zip(linears, packed, strict=True):
             setattr(parent, name, layer)
         self.compiled = kernels.Qwen3Forward(

@@ -26,6 +26,10 @@
 #include <sys/mman.h>
 #endif
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // Floats per vector, and batch rows multiplied per pass over a weight panel: as many as leave
@@ -147,24 +151,116 @@ constexpr PanelProduct kPanelProducts[] = {
     panel_product<5>, panel_product<6>, panel_product<7>, panel_product<8>};
 static_assert(sizeof(kPanelProducts) / sizeof(kPanelProducts[0]) > kMaxPanelRows);
 
-// x: rows x depth floats (row stride x_stride); y: rows x width (row stride y_stride).
-void gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& panels, float* y,
-          int64_t y_stride, bool accumulate) {
-  const int64_t count = panels.size(0);
-  const int64_t depth = panels.size(1);
-  const auto* weights = reinterpret_cast<const uint16_t*>(panels.data_ptr());
+// y (+)= x · Wᵀ over all panels, threads taking whole panels. Input is a float (or, for bf16
+// products, a bf16 pair); a panel has `depth` rows of kPanelWidth Weight words.
+template <typename Input, typename Weight, typename Product>
+void product_over_panels(const Input* x, int64_t x_stride, int64_t rows, const Weight* weights,
+                         int64_t count, int64_t depth, float* y, int64_t y_stride,
+                         bool accumulate, const Product* products) {
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const uint16_t* panel = weights + p * depth * kPanelWidth;
-      const uint16_t* next = p + 1 < end ? panel + depth * kPanelWidth : nullptr;
+      const Weight* panel = weights + p * depth * kPanelWidth;
+      const Weight* next = p + 1 < end ? panel + depth * kPanelWidth : nullptr;
       for (int64_t r = 0; r < rows; r += kMaxPanelRows) {
         const int64_t block = std::min<int64_t>(kMaxPanelRows, rows - r);
-        kPanelProducts[block](x + r * x_stride, x_stride, panel, depth,
-                              y + r * y_stride + p * kPanelWidth, y_stride, accumulate,
-                              rows > 1 ? next : nullptr);
+        products[block](x + r * x_stride, x_stride, panel, depth,
+                        y + r * y_stride + p * kPanelWidth, y_stride, accumulate,
+                        rows > 1 ? next : nullptr);
       }
     }
   });
+}
+
+#if defined(__AVX512BF16__)
+// bf16 products (the lossy dtype 'bfloat16'): activations rounded to bf16, and AVX512-BF16's dot
+// product multiplies two of them by two weights and adds both to an fp32 sum in one instruction,
+// twice the multiply-adds of fp32 FMAs. Pair panels hold, for each pair of input rows k, k + 1,
+// the two weights of each column side by side in one 32-bit word.
+constexpr bool kBf16Products = true;
+
+inline uint32_t round_to_bf16(float x) {  // to nearest, ties to even
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+}
+
+template <int Rows>
+void pair_panel_product(const uint32_t* x, int64_t x_stride, const uint32_t* panel, int64_t pairs,
+                        float* y, int64_t y_stride, bool accumulate, const uint32_t* prefetch) {
+  __m512 acc[Rows][2];
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < pairs; ++k) {
+    if (prefetch != nullptr) {
+      __builtin_prefetch(prefetch + k * kPanelWidth);
+      __builtin_prefetch(prefetch + k * kPanelWidth + kLanes);
+    }
+    const auto w0 = (__m512bh)_mm512_loadu_si512(panel + k * kPanelWidth);
+    const auto w1 = (__m512bh)_mm512_loadu_si512(panel + k * kPanelWidth + kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < Rows; ++r) {
+      const auto xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + k]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < Rows; ++r) {
+    float* out = y + r * y_stride;
+    const Vec sum0 = (Vec)acc[r][0];
+    const Vec sum1 = (Vec)acc[r][1];
+    store(out, accumulate ? load(out) + sum0 : sum0);
+    store(out + kLanes, accumulate ? load(out + kLanes) + sum1 : sum1);
+  }
+}
+
+using PairPanelProduct = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
+                                  int64_t, bool, const uint32_t*);
+constexpr PairPanelProduct kPairPanelProducts[] = {
+    nullptr,
+    pair_panel_product<1>,
+    pair_panel_product<2>,
+    pair_panel_product<3>,
+    pair_panel_product<4>,
+    pair_panel_product<5>,
+    pair_panel_product<6>,
+    pair_panel_product<7>,
+    pair_panel_product<8>};
+
+void pair_gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& panels, float* y,
+               int64_t y_stride, bool accumulate) {
+  const int64_t pairs = panels.size(1);
+  std::vector<uint32_t> x_pairs(rows * pairs);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < pairs; ++k) {
+      const float* two = x + r * x_stride + 2 * k;
+      x_pairs[r * pairs + k] = round_to_bf16(two[0]) | (round_to_bf16(two[1]) << 16);
+    }
+  }
+  product_over_panels(x_pairs.data(), pairs, rows,
+                      reinterpret_cast<const uint32_t*>(panels.data_ptr()), panels.size(0), pairs,
+                      y, y_stride, accumulate, kPairPanelProducts);
+}
+#else
+constexpr bool kBf16Products = false;
+#endif
+
+// x: rows x depth floats (row stride x_stride); y: rows x width (row stride y_stride). Panels
+// of bf16 hold exact weights (fp32 products); panels of int32 are pair panels (bf16 products).
+void gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& panels, float* y,
+          int64_t y_stride, bool accumulate) {
+#if defined(__AVX512BF16__)
+  if (panels.scalar_type() == at::kInt) {
+    pair_gemm(x, x_stride, rows, panels, y, y_stride, accumulate);
+    return;
+  }
+#endif
+  product_over_panels(x, x_stride, rows, reinterpret_cast<const uint16_t*>(panels.data_ptr()),
+                      panels.size(0), panels.size(1), y, y_stride, accumulate, kPanelProducts);
+}
+
+// Input width of a weight's panels.
+int64_t panel_depth(const at::Tensor& panels) {
+  return panels.scalar_type() == at::kInt ? 2 * panels.size(1) : panels.size(1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -442,23 +538,32 @@ at::Tensor empty_panels(int64_t numel) {
 }
 
 // Writes a [n, k] bf16 weight (n a multiple of kPanelWidth) into `out` (n·k elements, e.g. a
-// slice of empty_panels) as panels [n / kPanelWidth, k, kPanelWidth], columns paired as
-// load_bf16_pair reads them; returns that view of `out`.
-at::Tensor pack(const at::Tensor& weight, const at::Tensor& out) {
+// slice of empty_panels) and returns the panels there: [n / kPanelWidth, k, kPanelWidth] bf16,
+// columns paired as load_bf16_pair reads them, or with `bf16_products` (k even) pair panels
+// [n / kPanelWidth, k / 2, kPanelWidth] of int32.
+at::Tensor pack(const at::Tensor& weight, const at::Tensor& out, bool bf16_products) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "bf16 [n, k] weight");
   TORCH_CHECK(weight.size(0) % kPanelWidth == 0, "rows must be a multiple of ", kPanelWidth);
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() &&
-                  out.numel() == weight.numel(), "out must hold the weight");
+                  out.numel() == weight.numel(),
+              "out must hold the weight");
   const int64_t panels = weight.size(0) / kPanelWidth;
-  at::Tensor packed = out.view({panels, weight.size(1), kPanelWidth});
-  packed.view({panels, weight.size(1), kLanes, 2})
-      .copy_(weight.view({panels, 2, kLanes, weight.size(1)}).permute({0, 3, 2, 1}));
-  return packed;
+  const int64_t depth = weight.size(1);
+  if (bf16_products) {
+    TORCH_CHECK(kBf16Products, "this CPU has no bf16 dot product (AVX512-BF16)");
+    TORCH_CHECK(depth % 2 == 0, "bf16 products need an even input width");
+    out.view({panels, depth / 2, kPanelWidth, 2})
+        .copy_(weight.view({panels, kPanelWidth, depth / 2, 2}).permute({0, 2, 1, 3}));
+    return out.view({panels, depth / 2, 2 * kPanelWidth}).view(at::kInt);
+  }
+  out.view({panels, depth, kLanes, 2})
+      .copy_(weight.view({panels, 2, kLanes, depth}).permute({0, 3, 2, 1}));
+  return out.view({panels, depth, kPanelWidth});
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "float32 [m, k] input");
-  TORCH_CHECK(x.size(1) == panels.size(1), "input width does not match the weight");
+  TORCH_CHECK(x.size(1) == panel_depth(panels), "input width does not match the weight");
   at::Tensor input = x.contiguous();
   const int64_t width = panels.size(0) * kPanelWidth;
   at::Tensor y = at::empty({input.size(0), width}, input.options());
@@ -472,8 +577,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& panels) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("PANEL_WIDTH") = kPanelWidth;
   m.attr("VECTOR_WIDTH") = kLanes;
+  m.attr("BF16_PRODUCTS") = kBf16Products;
   m.def("empty_panels", &empty_panels, "A bf16 buffer for panels, on huge pages where possible.");
-  m.def("pack", &pack, "Write a bf16 [n, k] weight into `out` as panels for `linear`.");
+  m.def("pack", &pack, "Write a bf16 [n, k] weight into `out` as panels for `linear`.",
+        pybind11::arg("weight"), pybind11::arg("out"), pybind11::arg("bf16_products") = false);
   // Both release the GIL, so that other Python threads (an asyncio server's) run meanwhile.
   m.def("linear", &linear, "x [m, k] float32 times packed W^T.",
         pybind11::call_guard<pybind11::gil_scoped_release>());
