@@ -57,7 +57,7 @@ def add_backend_option_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--dtype",
         choices=DTYPES,
-        help="native backend weights: float32 (exact, default), bfloat16 or int8 (faster, lossy)",
+        help="native backend arithmetic: float32 (exact, default), bfloat16 or int8 (lossy)",
     )
     group.add_argument(
         "--threads",
