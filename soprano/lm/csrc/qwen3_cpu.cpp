@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <utility>
 #include <vector>
 
@@ -113,7 +112,19 @@ inline Vec fast_exp(Vec x) {
 inline float fast_exp(float x) { return fast_exp(splat(x))[0]; }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: y[m, n] (+)= sum_k x[m, k] * W[n, k], W packed as panels [n / 32][k][32] of bf16.
+// GEMM: y[m, n] (+)= sum_k x[m, k] * W[n, k], W packed as panels [n / kPanelWidth][k][kPanelWidth]
+// of bf16. A panel product multiplies up to kMaxPanelRows rows of x by one panel.
+
+// Writes (or adds) the sums of a panel product: Rows rows of kPanelWidth columns.
+template <int Rows>
+inline void write_sums(const Vec (&sums)[Rows][2], float* y, int64_t y_stride, bool accumulate) {
+#pragma GCC unroll 8
+  for (int r = 0; r < Rows; ++r) {
+    float* out = y + r * y_stride;
+    store(out, accumulate ? load(out) + sums[r][0] : sums[r][0]);
+    store(out + kLanes, accumulate ? load(out + kLanes) + sums[r][1] : sums[r][1]);
+  }
+}
 
 // `prefetch`: the next panel, fetched into cache while this one is multiplied (or null).
 template <int Rows>
@@ -131,17 +142,7 @@ void panel_product(const float* x, int64_t x_stride, const uint16_t* panel, int6
       acc[r][1] += xv * w1;
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < Rows; ++r) {
-    float* out = y + r * y_stride;
-    if (accumulate) {
-      store(out, load(out) + acc[r][0]);
-      store(out + kLanes, load(out + kLanes) + acc[r][1]);
-    } else {
-      store(out, acc[r][0]);
-      store(out + kLanes, acc[r][1]);
-    }
-  }
+  write_sums(acc, y, y_stride, accumulate);
 }
 
 using PanelProduct = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
@@ -187,8 +188,7 @@ inline uint32_t round_to_bf16(float x) {  // to nearest, ties to even
 template <int Rows>
 void pair_panel_product(const uint32_t* x, int64_t x_stride, const uint32_t* panel, int64_t pairs,
                         float* y, int64_t y_stride, bool accumulate, const uint32_t* prefetch) {
-  __m512 acc[Rows][2];
-  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  Vec acc[Rows][2] = {};
   for (int64_t k = 0; k < pairs; ++k) {
     if (prefetch != nullptr) {
       __builtin_prefetch(prefetch + k * kPanelWidth);
@@ -199,32 +199,19 @@ void pair_panel_product(const uint32_t* x, int64_t x_stride, const uint32_t* pan
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       const auto xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * x_stride + k]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
+      acc[r][0] = (Vec)_mm512_dpbf16_ps((__m512)acc[r][0], w0, xv);
+      acc[r][1] = (Vec)_mm512_dpbf16_ps((__m512)acc[r][1], w1, xv);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < Rows; ++r) {
-    float* out = y + r * y_stride;
-    const Vec sum0 = (Vec)acc[r][0];
-    const Vec sum1 = (Vec)acc[r][1];
-    store(out, accumulate ? load(out) + sum0 : sum0);
-    store(out + kLanes, accumulate ? load(out + kLanes) + sum1 : sum1);
-  }
+  write_sums(acc, y, y_stride, accumulate);
 }
 
 using PairPanelProduct = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
                                   int64_t, bool, const uint32_t*);
 constexpr PairPanelProduct kPairPanelProducts[] = {
-    nullptr,
-    pair_panel_product<1>,
-    pair_panel_product<2>,
-    pair_panel_product<3>,
-    pair_panel_product<4>,
-    pair_panel_product<5>,
-    pair_panel_product<6>,
-    pair_panel_product<7>,
-    pair_panel_product<8>};
+    nullptr,               pair_panel_product<1>, pair_panel_product<2>,
+    pair_panel_product<3>, pair_panel_product<4>, pair_panel_product<5>,
+    pair_panel_product<6>, pair_panel_product<7>, pair_panel_product<8>};
 
 void pair_gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& panels, float* y,
                int64_t y_stride, bool accumulate) {
