@@ -331,7 +331,7 @@ class Qwen3Forward {
   // tokens, positions: [B, T] int64. keys, values: [layers, rows, kv_heads, capacity, head_dim]
   // float32, written at start … start + T − 1. visible: [rows, capacity] bool, already marking
   // which of the new positions are real tokens (padding is never attended to). cos, signed_sin:
-  // the RoPE tables. Returns the post-norm hidden states [B, T, hidden].
+  // the RoPE tables. Returns the post-norm hidden states [B, T, hidden], zero at padding.
   at::Tensor forward(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& keys,
                      const at::Tensor& values, const at::Tensor& visible, const at::Tensor& cos,
                      const at::Tensor& signed_sin, int64_t start) const {
@@ -343,14 +343,23 @@ class Qwen3Forward {
     TORCH_CHECK(keys.size(4) == head_dim_ && keys.size(0) == (int64_t)layers_.size(), "cache");
     const int64_t batch = tokens.size(0);
     const int64_t length = tokens.size(1);
-    const int64_t rows = batch * length;
     const int64_t capacity = keys.size(3);
     TORCH_CHECK(start + length <= capacity, "the cache is full");
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * head_dim_;
     const int64_t attention_width = heads_ * head_dim_;
     const auto options = at::TensorOptions().dtype(at::kFloat);
+    const bool* visible_ = visible.data_ptr<bool>();
 
-    at::Tensor x = embed_.index_select(0, tokens.reshape({rows})).contiguous();
+    // Only real tokens are computed: row i stands for token live[i] of the flattened [B, T]
+    // (left padding, which nothing attends to, is skipped).
+    std::vector<int64_t> live;
+    for (int64_t token = 0; token < batch * length; ++token) {
+      if (visible_[token / length * capacity + start + token % length]) live.push_back(token);
+    }
+    const int64_t rows = static_cast<int64_t>(live.size());
+    const at::Tensor live_tokens = at::from_blob(live.data(), {rows}, at::kLong);
+
+    at::Tensor x = embed_.index_select(0, tokens.reshape({-1}).index_select(0, live_tokens));
     at::Tensor normed = at::empty({rows, hidden_}, options);
     at::Tensor qkv = at::empty({rows, qkv_width}, options);
     at::Tensor attended = at::empty({rows, attention_width}, options);
@@ -363,7 +372,6 @@ class Qwen3Forward {
     float* gate_up_ = gate_up.data_ptr<float>();
     float* activated_ = activated.data_ptr<float>();
     const int64_t* token_positions = positions.data_ptr<int64_t>();
-    const bool* visible_ = visible.data_ptr<bool>();
     const float* cos_ = cos.data_ptr<float>();
     const float* signed_sin_ = signed_sin.data_ptr<float>();
 
@@ -386,9 +394,9 @@ class Qwen3Forward {
       gemm(normed_, hidden_, rows, layer.qkv, qkv_, qkv_width, false);
       at::parallel_for(0, rows, key_grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r / length;
-          const int64_t at = start + r % length;
-          const int64_t position = token_positions[r];
+          const int64_t b = live[r] / length;
+          const int64_t at = start + live[r] % length;
+          const int64_t position = token_positions[live[r]];
           store_keys(qkv_ + r * qkv_width, layer.qk_norm.data_ptr<float>(),
                      cos_ + position * head_dim_, signed_sin_ + position * head_dim_,
                      layer_keys + b * keys.stride(1) + at * head_dim_,
@@ -397,19 +405,14 @@ class Qwen3Forward {
       });
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r / length;
-          const int64_t at = start + r % length;
-          float* out = attended_ + r * attention_width;
-          if (!visible_[b * capacity + at]) {  // padding: its output is never read
-            std::fill(out, out + attention_width, 0.0f);
-            continue;
-          }
+          const int64_t b = live[r] / length;
+          const int64_t at = start + live[r] % length;
           const auto& positions_seen = seen[b];
           const auto count = std::upper_bound(positions_seen.begin(), positions_seen.end(), at) -
                              positions_seen.begin();
           attend(qkv_ + r * qkv_width, layer_keys + b * keys.stride(1),
                  layer_values + b * values.stride(1), capacity, positions_seen.data(), count,
-                 out);
+                 attended_ + r * attention_width);
         }
       });
       gemm(attended_, attention_width, rows, layer.o, x_, hidden_, true);
@@ -423,9 +426,10 @@ class Qwen3Forward {
       });
       gemm(activated_, intermediate_, rows, layer.down, x_, hidden_, true);
     }
-    at::Tensor hidden = at::empty({batch, length, hidden_}, options);
-    norm_rows(x_, norm_, rows, hidden.data_ptr<float>());
-    return hidden;
+    norm_rows(x_, norm_, rows, normed_);
+    at::Tensor hidden = at::zeros({batch * length, hidden_}, options);  // padding stays 0
+    hidden.index_copy_(0, live_tokens, normed);
+    return hidden.view({batch, length, hidden_});
   }
 
  private:
