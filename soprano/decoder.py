@@ -255,7 +255,7 @@ class SopranoDecoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.head.out.weight.device
+        return self.head.istft.window.device
 
     def forward(self, hidden: Tensor) -> Tensor:
         hidden = hidden.to(self.device, torch.float32)

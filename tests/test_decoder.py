@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 from soprano.constants import HOP_LENGTH, N_FFT, RECEPTIVE_FIELD, TOKEN_SAMPLES, UPSAMPLE_FACTOR
 from soprano.decoder import SopranoDecoder, StreamingDecoder, upsample
 from soprano.errors import ModelLoadError
+from soprano.lm.kernels import cpu_kernels
+from soprano.lm.linear import use_panels
 
 SMALL = {"input_channels": 32, "dim": 48, "intermediate_dim": 144}
 """Small dims for fast tests; 8 blocks as published, so the receptive field is the real one."""
@@ -381,3 +384,18 @@ def test_streaming_rejects_bad_use() -> None:
         StreamingDecoder(decoder).push(torch.randn(2, 32))
     with pytest.raises(ValueError, match="RECEPTIVE_FIELD"):
         StreamingDecoder(small_decoder(3, num_blocks=11))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_cpu_kernels_decode_what_pytorch_decodes(chunk_size: int) -> None:
+    """The native kernels' fp32 panels (as SopranoTTS uses on CPU) change no sample."""
+    decoder = small_decoder(1)
+    frames = torch.randn(12, SMALL["input_channels"])
+    expected = decoder.decode([frames])[0]
+    fast = copy.deepcopy(decoder)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in fast.modules())
+    assert use_panels(fast, cpu_kernels(), torch.float32) == linears > 0
+    assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
+    torch.testing.assert_close(fast.decode([frames])[0], expected, atol=1e-5, rtol=0)
+    _, pieces = stream(StreamingDecoder(fast, chunk_size), frames)
+    torch.testing.assert_close(torch.cat(pieces), expected, atol=1e-5, rtol=0)

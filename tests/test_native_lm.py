@@ -200,23 +200,47 @@ def test_half_storage_is_exact_or_refused():
     assert isinstance(model[0], torch.nn.Linear)
 
 
+def linear(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight.data = weight
+    return layer
+
+
 def test_panel_storage_is_exact_or_refused():
     kernels = cpu_kernels()
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(96, 80, generator=generator) / 24).bfloat16().float()
     other = (torch.randn(64, 96, generator=generator) / 24).bfloat16().float()
-    layer, other_layer = PanelLinear.pack_all([weight, other], kernels)
+    layer, other_layer = PanelLinear.pack_all([linear(weight), linear(other)], kernels)
     for rows in (1, 5, 7, 13):  # row blocks of the GEMM, with and without remainders
         x = torch.randn(2, rows, 80, generator=generator)
         torch.testing.assert_close(layer(x), x @ weight.T, atol=1e-6, rtol=1e-6)
     x = torch.randn(3, 96, generator=generator)
     torch.testing.assert_close(other_layer(x), x @ other.T, atol=1e-6, rtol=1e-6)
 
-    assert PanelLinear.fits(weight, kernels)
+    assert PanelLinear.fits(linear(weight), kernels)
     not_bf16 = weight.clone()
     not_bf16[1, 2] += 1e-6
-    assert not PanelLinear.fits(not_bf16, kernels)
-    assert not PanelLinear.fits(weight[: kernels.PANEL_WIDTH + 8], kernels)  # part of a panel
+    assert not PanelLinear.fits(linear(not_bf16), kernels)
+    assert PanelLinear.fits(linear(not_bf16), kernels, storage=torch.float32)
+
+
+def test_a_part_panel_is_padded_and_cut_off():
+    kernels = cpu_kernels()
+    layer = torch.nn.Linear(80, kernels.PANEL_WIDTH + 8)
+    (packed,) = PanelLinear.pack_all([layer], kernels, storage=torch.float32)
+    assert packed.panels.shape[0] * kernels.PANEL_WIDTH == 2 * kernels.PANEL_WIDTH
+    x = torch.randn(4, 80)
+    torch.testing.assert_close(packed(x), layer(x), atol=1e-6, rtol=1e-5)
+
+
+def test_float32_panels_with_bias_match_linear():
+    kernels = cpu_kernels()
+    layer = torch.nn.Linear(80, 96)
+    (packed,) = PanelLinear.pack_all([layer], kernels, storage=torch.float32)
+    assert packed.panels.dtype == torch.float32
+    x = torch.randn(3, 5, 80)
+    torch.testing.assert_close(packed(x), layer(x), atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_products_round_only_the_input():
@@ -225,15 +249,15 @@ def test_bf16_products_round_only_the_input():
     weight = (torch.randn(64, 80, generator=generator) / 24).bfloat16().float()
     if not kernels.BF16_PRODUCTS:
         with pytest.raises(RuntimeError, match="AVX512-BF16"):
-            PanelLinear.pack_all([weight], kernels, bf16_products=True)
+            PanelLinear.pack_all([linear(weight)], kernels, bf16_products=True)
         return
-    (layer,) = PanelLinear.pack_all([weight], kernels, bf16_products=True)
+    (layer,) = PanelLinear.pack_all([linear(weight)], kernels, bf16_products=True)
     assert layer.panels.dtype == torch.int32
     for rows in (1, 9):
         x = torch.randn(rows, 80, generator=generator)
         expected = x.bfloat16().float() @ weight.T
         torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
-    assert not PanelLinear.fits(weight[:, :79], kernels, bf16_products=True)  # odd width
+    assert not PanelLinear.fits(linear(weight[:, :79]), kernels, bf16_products=True)  # odd width
 
 
 def test_bfloat16_uses_the_kernels_where_the_cpu_has_bf16_products(checkpoint: Checkpoint):

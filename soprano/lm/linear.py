@@ -6,7 +6,7 @@ is the speed of streaming the weights from memory. Four storages:
 - `PanelLinear` (the exact default on CPUs where the native kernels build): the checkpoint's bf16
   weights as they are, in panels for our own GEMM (soprano/lm/csrc), which widens them to fp32
   (exactly) and multiplies and sums in fp32. Half the memory traffic of fp32 weights, and the
-  storage the compiled decode step reads.
+  storage the compiled forward reads. The decoder's fp32 weights use it too, as fp32 panels.
 - `HalfStoredLinear` (the exact fallback on x86 CPUs): the checkpoint's weights are bf16, so each
   row, scaled by a power of two, fits fp16 exactly. FBGEMM's fp16 GEMM multiplies fp32
   activations by those weights with fp32 products and sums, then we undo the scale (exact for a
@@ -37,44 +37,80 @@ def fbgemm_available() -> bool:
 
 
 class PanelLinear(nn.Module):
-    """y = x · Wᵀ on bf16-held W by the native CPU kernels: fp32 products (exact), or with
-    `bf16_products` (lossy, CPUs with AVX512-BF16) x rounded to bf16 and twice the throughput."""
+    """y = x · Wᵀ + b by the native CPU kernels, W held in panels of bf16 (the LM's weights,
+    exactly) or float32. Products are fp32, or with `bf16_products` (lossy, CPUs with
+    AVX512-BF16) x is rounded to bf16 for twice the throughput."""
 
-    def __init__(self, panels: Tensor, kernels: ModuleType) -> None:
+    def __init__(
+        self, panels: Tensor, bias: Tensor | None, out_features: int, kernels: ModuleType
+    ) -> None:
         super().__init__()
         self.panels = panels
+        self.bias = bias
+        self.out_features = out_features
+        """The panels' columns past it are zero padding."""
         self.kernels = kernels
 
     @staticmethod
-    def fits(weight: Tensor, kernels: ModuleType, bf16_products: bool = False) -> bool:
-        """Whether `weight` [out, in] is exactly bf16 and has the shape the kernels take."""
-        weight = weight.detach()
-        rows, width = weight.shape
-        return (
-            rows % kernels.PANEL_WIDTH == 0
-            and not (bf16_products and width % 2)
-            and torch.equal(weight.bfloat16().to(weight.dtype), weight)
+    def fits(
+        layer: nn.Linear,
+        kernels: ModuleType,
+        storage: torch.dtype = torch.bfloat16,
+        bf16_products: bool = False,
+    ) -> bool:
+        """Whether `storage` holds `layer`'s weight exactly (and, for bf16 products, even width)."""
+        weight = layer.weight.detach()
+        return not (bf16_products and weight.shape[1] % 2) and torch.equal(
+            weight.to(storage).to(weight.dtype), weight
         )
 
     @classmethod
     def pack_all(
-        cls, weights: Sequence[Tensor], kernels: ModuleType, bf16_products: bool = False
+        cls,
+        layers: Sequence[nn.Linear],
+        kernels: ModuleType,
+        storage: torch.dtype = torch.bfloat16,
+        bf16_products: bool = False,
     ) -> list[PanelLinear]:
-        """One layer per weight (each must fit), all in one buffer on huge pages where possible."""
-        buffer = kernels.empty_panels(sum(weight.numel() for weight in weights))
-        layers, offset = [], 0
-        for weight in weights:
+        """The layers (each must fit) in one buffer, on huge pages where the OS offers them.
+
+        Weights are padded with zero rows to whole panels; `forward` drops those columns.
+        """
+        weights = [_pad_rows(layer.weight.detach(), kernels.PANEL_WIDTH) for layer in layers]
+        buffer = kernels.empty_panels(sum(weight.numel() for weight in weights), storage)
+        packed, offset = [], 0
+        for layer, weight in zip(layers, weights, strict=True):
             size = weight.numel()
-            panels = kernels.pack(
-                weight.detach().bfloat16(), buffer[offset : offset + size], bf16_products
-            )
-            layers.append(cls(panels, kernels))
+            panels = kernels.pack(weight.to(storage), buffer[offset : offset + size], bf16_products)
+            bias = None if layer.bias is None else layer.bias.detach().float()
+            packed.append(cls(panels, bias, layer.out_features, kernels))
             offset += size
-        return layers
+        return packed
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.kernels.linear(x.reshape(-1, x.shape[-1]), self.panels)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        y = self.kernels.linear(x.reshape(-1, x.shape[-1]), self.panels)[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _pad_rows(weight: Tensor, multiple: int) -> Tensor:
+    missing = -len(weight) % multiple
+    return torch.cat([weight, weight.new_zeros(missing, weight.shape[1])]) if missing else weight
+
+
+def use_panels(module: nn.Module, kernels: ModuleType, storage: torch.dtype) -> int:
+    """Move every nn.Linear below `module` that fits onto `storage` panels; return how many."""
+    fitting = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and PanelLinear.fits(child, kernels, storage)
+    ]
+    packed = PanelLinear.pack_all([child for _, _, child in fitting], kernels, storage)
+    for (parent, name, _), layer in zip(fitting, packed, strict=True):
+        setattr(parent, name, layer)
+    return len(packed)
 
 
 class HalfStoredLinear(nn.Module):

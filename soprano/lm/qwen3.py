@@ -321,10 +321,12 @@ class Qwen3(nn.Module):
             for name, child in parent.named_children()
             if isinstance(child, nn.Linear)
         ]
-        weights = [child.weight for _, _, child in linears]
-        if not all(PanelLinear.fits(weight, kernels, bf16_products) for weight in weights):
+        layers = [child for _, _, child in linears]
+        if not all(
+            PanelLinear.fits(layer, kernels, bf16_products=bf16_products) for layer in layers
+        ):
             return False
-        packed = PanelLinear.pack_all(weights, kernels, bf16_products)
+        packed = PanelLinear.pack_all(layers, kernels, bf16_products=bf16_products)
         for (parent, name, _), layer in zip(linears, packed, strict=True):
             setattr(parent, name, layer)
         self.compiled = kernels.Qwen3Forward(

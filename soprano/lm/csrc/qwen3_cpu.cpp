@@ -54,13 +54,19 @@ inline Vec load(const float* p) {
 
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
-// Panels hold bf16 weights in pairs: the 32-bit word j of a row carries column j in its low half
-// and column j + kLanes in its high half, so one load and two bit operations widen a panel row.
-inline void load_bf16_pair(const uint16_t* p, Vec& low, Vec& high) {
+// A panel row as two vectors: columns 0 … kLanes − 1 and kLanes … kPanelWidth − 1. Panels of
+// bf16 hold their weights in pairs: the 32-bit word j carries column j in its low half and column
+// j + kLanes in its high half, so one load and two bit operations widen a panel row.
+inline void load_panel_row(const uint16_t* p, Vec& low, Vec& high) {
   UintVec words;
   std::memcpy(&words, p, sizeof words);
   low = (Vec)(words << 16);
   high = (Vec)(words & 0xFFFF0000u);
+}
+
+inline void load_panel_row(const float* p, Vec& low, Vec& high) {
+  low = load(p);
+  high = load(p + kLanes);
 }
 
 template <size_t... Lane>
@@ -113,7 +119,8 @@ inline float fast_exp(float x) { return fast_exp(splat(x))[0]; }
 
 // ---------------------------------------------------------------------------------------------
 // GEMM: y[m, n] (+)= sum_k x[m, k] * W[n, k], W packed as panels [n / kPanelWidth][k][kPanelWidth]
-// of bf16. A panel product multiplies up to kMaxPanelRows rows of x by one panel.
+// of bf16 (the LM's weights) or float32 (the decoder's). A panel product multiplies up to
+// kMaxPanelRows rows of x by one panel.
 
 // Writes (or adds) the sums of a panel product: Rows rows of kPanelWidth columns.
 template <int Rows>
@@ -127,14 +134,20 @@ inline void write_sums(const Vec (&sums)[Rows][2], float* y, int64_t y_stride, b
 }
 
 // `prefetch`: the next panel, fetched into cache while this one is multiplied (or null).
-template <int Rows>
-void panel_product(const float* x, int64_t x_stride, const uint16_t* panel, int64_t depth,
-                   float* y, int64_t y_stride, bool accumulate, const uint16_t* prefetch) {
+template <int Rows, typename Weight>
+void panel_product(const float* x, int64_t x_stride, const Weight* panel, int64_t depth,
+                   float* y, int64_t y_stride, bool accumulate, const Weight* prefetch) {
+  constexpr int kCacheLine = 64;
   Vec acc[Rows][2] = {};
   for (int64_t k = 0; k < depth; ++k) {
-    if (prefetch != nullptr) __builtin_prefetch(prefetch + k * kPanelWidth);
+    if (prefetch != nullptr) {
+      const char* next_row = reinterpret_cast<const char*>(prefetch + k * kPanelWidth);
+      for (size_t b = 0; b < kPanelWidth * sizeof(Weight); b += kCacheLine) {
+        __builtin_prefetch(next_row + b);
+      }
+    }
     Vec w0, w1;
-    load_bf16_pair(panel + k * kPanelWidth, w0, w1);
+    load_panel_row(panel + k * kPanelWidth, w0, w1);
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       const Vec xv = splat(x[r * x_stride + k]);
@@ -145,12 +158,21 @@ void panel_product(const float* x, int64_t x_stride, const uint16_t* panel, int6
   write_sums(acc, y, y_stride, accumulate);
 }
 
-using PanelProduct = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
-                              bool, const uint16_t*);
-constexpr PanelProduct kPanelProducts[] = {
-    nullptr,          panel_product<1>, panel_product<2>, panel_product<3>, panel_product<4>,
-    panel_product<5>, panel_product<6>, panel_product<7>, panel_product<8>};
-static_assert(sizeof(kPanelProducts) / sizeof(kPanelProducts[0]) > kMaxPanelRows);
+template <typename Weight>
+using PanelProduct = void (*)(const float*, int64_t, const Weight*, int64_t, float*, int64_t, bool,
+                              const Weight*);
+template <typename Weight>
+constexpr PanelProduct<Weight> kPanelProducts[] = {
+    nullptr,
+    panel_product<1, Weight>,
+    panel_product<2, Weight>,
+    panel_product<3, Weight>,
+    panel_product<4, Weight>,
+    panel_product<5, Weight>,
+    panel_product<6, Weight>,
+    panel_product<7, Weight>,
+    panel_product<8, Weight>};
+static_assert(sizeof(kPanelProducts<float>) / sizeof(kPanelProducts<float>[0]) > kMaxPanelRows);
 
 // y (+)= x · Wᵀ over all panels, threads taking whole panels. Input is a float (or, for bf16
 // products, a bf16 pair); a panel has `depth` rows of kPanelWidth Weight words.
@@ -232,7 +254,8 @@ constexpr bool kBf16Products = false;
 #endif
 
 // x: rows x depth floats (row stride x_stride); y: rows x width (row stride y_stride). Panels
-// of bf16 hold exact weights (fp32 products); panels of int32 are pair panels (bf16 products).
+// of bf16 or float32 hold exact weights (fp32 products); int32 ones are pair panels (bf16
+// products).
 void gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& panels, float* y,
           int64_t y_stride, bool accumulate) {
 #if defined(__AVX512BF16__)
@@ -241,8 +264,14 @@ void gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& pane
     return;
   }
 #endif
+  if (panels.scalar_type() == at::kFloat) {
+    product_over_panels(x, x_stride, rows, panels.data_ptr<float>(), panels.size(0),
+                        panels.size(1), y, y_stride, accumulate, kPanelProducts<float>);
+    return;
+  }
   product_over_panels(x, x_stride, rows, reinterpret_cast<const uint16_t*>(panels.data_ptr()),
-                      panels.size(0), panels.size(1), y, y_stride, accumulate, kPanelProducts);
+                      panels.size(0), panels.size(1), y, y_stride, accumulate,
+                      kPanelProducts<uint16_t>);
 }
 
 // Input width of a weight's panels.
@@ -512,13 +541,15 @@ class Qwen3Forward {
   std::vector<Layer> layers_;
 };
 
-// A bf16 buffer of `numel` elements for panels, on 2 MB pages where Linux offers them: every
-// decode step streams all weights, and 4 KB pages would cost a TLB miss per page (~5% of a step).
-at::Tensor empty_panels(int64_t numel) {
-  const auto options = at::TensorOptions().dtype(at::kBFloat16);
+// A buffer of `numel` elements (bf16 or float32) for panels, on 2 MB pages where Linux offers
+// them: every decode step streams all weights, and 4 KB pages would cost a TLB miss per page
+// (~5% of a step).
+at::Tensor empty_panels(int64_t numel, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "panels are bf16 or float32");
+  const auto options = at::TensorOptions().dtype(dtype);
 #if defined(__linux__)
   constexpr size_t kHugePage = 2 << 20;
-  const size_t bytes = (numel * sizeof(uint16_t) + kHugePage - 1) / kHugePage * kHugePage;
+  const size_t bytes = (numel * at::elementSize(dtype) + kHugePage - 1) / kHugePage * kHugePage;
   void* data = std::aligned_alloc(kHugePage, bytes);
   TORCH_CHECK(data != nullptr, "cannot allocate ", bytes, " bytes for the weights");
   madvise(data, bytes, MADV_HUGEPAGE);  // only a hint: without it the pages stay small
@@ -528,18 +559,24 @@ at::Tensor empty_panels(int64_t numel) {
 #endif
 }
 
-// Writes a [n, k] bf16 weight (n a multiple of kPanelWidth) into `out` (n·k elements, e.g. a
-// slice of empty_panels) and returns the panels there: [n / kPanelWidth, k, kPanelWidth] bf16,
-// columns paired as load_bf16_pair reads them, or with `bf16_products` (k even) pair panels
-// [n / kPanelWidth, k / 2, kPanelWidth] of int32.
+// Writes a [n, k] weight (n a multiple of kPanelWidth) into `out` (n·k elements of its dtype,
+// e.g. a slice of empty_panels) and returns the panels there: [n / kPanelWidth, k, kPanelWidth]
+// of float32, or of bf16 with columns paired as load_panel_row reads them, or with
+// `bf16_products` (bf16, k even) pair panels [n / kPanelWidth, k / 2, kPanelWidth] of int32.
 at::Tensor pack(const at::Tensor& weight, const at::Tensor& out, bool bf16_products) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "bf16 [n, k] weight");
+  TORCH_CHECK(weight.dim() == 2, "a [n, k] weight");
   TORCH_CHECK(weight.size(0) % kPanelWidth == 0, "rows must be a multiple of ", kPanelWidth);
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() &&
+  TORCH_CHECK(out.scalar_type() == weight.scalar_type() && out.is_contiguous() &&
                   out.numel() == weight.numel(),
               "out must hold the weight");
   const int64_t panels = weight.size(0) / kPanelWidth;
   const int64_t depth = weight.size(1);
+  if (weight.scalar_type() == at::kFloat && !bf16_products) {
+    at::Tensor packed = out.view({panels, depth, kPanelWidth});
+    packed.copy_(weight.view({panels, kPanelWidth, depth}).permute({0, 2, 1}));
+    return packed;
+  }
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "weights are bf16 or float32");
   if (bf16_products) {
     TORCH_CHECK(kBf16Products, "this CPU has no bf16 dot product (AVX512-BF16)");
     TORCH_CHECK(depth % 2 == 0, "bf16 products need an even input width");
@@ -569,7 +606,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("PANEL_WIDTH") = kPanelWidth;
   m.attr("VECTOR_WIDTH") = kLanes;
   m.attr("BF16_PRODUCTS") = kBf16Products;
-  m.def("empty_panels", &empty_panels, "A bf16 buffer for panels, on huge pages where possible.");
+  m.def("empty_panels", &empty_panels, "A buffer for panels, on huge pages where possible.");
   m.def("pack", &pack, "Write a bf16 [n, k] weight into `out` as panels for `linear`.",
         pybind11::arg("weight"), pybind11::arg("out"), pybind11::arg("bf16_products") = false);
   // Both release the GIL, so that other Python threads (an asyncio server's) run meanwhile.
