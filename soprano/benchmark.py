@@ -66,7 +66,7 @@ class Settings:
 @dataclass(frozen=True)
 class Task:
     kind: str
-    """'lm', 'step', 'decoder', 'e2e' or 'ttfa'."""
+    """'lm', 'step', 'decoder', 'e2e', 'stream' or 'ttfa'."""
     label: str
     arg: Any = None
 
@@ -81,6 +81,7 @@ def tasks(settings: Settings) -> list[Task]:
         Task("decoder", f"decoder × real time ({settings.decoder_tokens} tokens)"),
         Task("e2e", "infer × real time, one sentence", SENTENCE),
         Task("e2e", "infer × real time, paragraph (6 sentences)", PARAGRAPH),
+        Task("stream", "infer_stream × real time, one sentence", SENTENCE),
         Task("ttfa", "infer_stream time to first audio, one sentence (ms)", SENTENCE),
     ]
 
@@ -170,6 +171,14 @@ def _runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], float]]:
         audio = tts.infer(text, max_new_tokens=settings.sentence_tokens)
         return len(audio) / SAMPLE_RATE / (time.perf_counter() - start)
 
+    def stream(text: str) -> float:
+        """Streaming throughput: every chunk decoded on its own, as the Wyoming server does."""
+        start = time.perf_counter()
+        samples = sum(
+            len(chunk) for chunk in tts.infer_stream(text, max_new_tokens=settings.sentence_tokens)
+        )
+        return samples / SAMPLE_RATE / (time.perf_counter() - start)
+
     def ttfa(text: str) -> float:
         start = time.perf_counter()
         chunks = tts.infer_stream(text, max_new_tokens=settings.sentence_tokens)
@@ -178,7 +187,14 @@ def _runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], float]]:
         chunks.close()
         return elapsed * 1000
 
-    return {"lm": lm, "step": step, "decoder": decoder, "e2e": e2e, "ttfa": ttfa}
+    return {
+        "lm": lm,
+        "step": step,
+        "decoder": decoder,
+        "e2e": e2e,
+        "stream": stream,
+        "ttfa": ttfa,
+    }
 
 
 def run(
