@@ -6,14 +6,15 @@ is the speed of streaming the weights from memory. Four storages:
 - `PanelLinear` (the exact default on CPUs where the native kernels build): the checkpoint's bf16
   weights as they are, in panels for our own GEMM (soprano/lm/csrc), which widens them to fp32
   (exactly) and multiplies and sums in fp32. Half the memory traffic of fp32 weights, and the
-  storage the compiled forward reads. The decoder's fp32 weights use it too, as fp32 panels.
+  storage the compiled forward reads. With bf16 products (lossy) it also rounds x to bf16. The
+  decoder's fp32 weights use it too, as fp32 panels.
 - `HalfStoredLinear` (the exact fallback on x86 CPUs): the checkpoint's weights are bf16, so each
   row, scaled by a power of two, fits fp16 exactly. FBGEMM's fp16 GEMM multiplies fp32
   activations by those weights with fp32 products and sums, then we undo the scale (exact for a
   power of two). The result is fp32 arithmetic on the checkpoint's values, at half the memory
   traffic of fp32 weights. A matrix that does not fit fp16 exactly keeps fp32 storage.
 - `DynamicInt8Linear` (lossy option): int8 weights per output channel, activations quantised
-  per call (FBGEMM). Fastest, at a measured accuracy cost (README, "Performance").
+  per call (FBGEMM), at a measured accuracy cost (README, "Performance").
 - plain `nn.Linear` in fp32 or bf16 (bf16 is the lossy option for GPUs).
 """
 
@@ -99,15 +100,19 @@ def _pad_rows(weight: Tensor, multiple: int) -> Tensor:
     return torch.cat([weight, weight.new_zeros(missing, weight.shape[1])]) if missing else weight
 
 
-def use_panels(module: nn.Module, kernels: ModuleType, storage: torch.dtype) -> int:
+def use_panels(
+    module: nn.Module, kernels: ModuleType, storage: torch.dtype, bf16_products: bool = False
+) -> int:
     """Move every nn.Linear below `module` that fits onto `storage` panels; return how many."""
     fitting = [
         (parent, name, child)
         for parent in module.modules()
         for name, child in parent.named_children()
-        if isinstance(child, nn.Linear) and PanelLinear.fits(child, kernels, storage)
+        if isinstance(child, nn.Linear) and PanelLinear.fits(child, kernels, storage, bf16_products)
     ]
-    packed = PanelLinear.pack_all([child for _, _, child in fitting], kernels, storage)
+    packed = PanelLinear.pack_all(
+        [child for _, _, child in fitting], kernels, storage, bf16_products
+    )
     for (parent, name, _), layer in zip(fitting, packed, strict=True):
         setattr(parent, name, layer)
     return len(packed)
