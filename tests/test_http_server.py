@@ -33,7 +33,10 @@ EXPECTED_SAMPLES = (MAX_NEW_TOKENS - 1) * TOKEN_SAMPLES
 MP3_FRAME = 1152
 MP3_DELAY = 576
 LONG_GENERATION = {"temperature": 1.0, "seed": 2, "max_new_tokens": 900}
-"""About a minute of audio: a request that keeps the engine busy for a while."""
+LONG_TEXT = " ".join(["Keep on talking for a while now."] * 6)
+"""Six sentences (within the server's 200 characters) of a minute each: thousands of tokens, far
+more than the engine makes before its client hangs up (it stops then), so it is still generating
+when the test looks."""
 OPENAI_FIELDS = {"input", "response_format", "speed", "instructions", "stream_format"}
 """Request fields the openai client takes as arguments; others go in extra_body."""
 FLAC_STREAMINFO_END = 42
@@ -308,7 +311,7 @@ def test_the_event_loop_serves_while_the_engine_is_busy_and_requests_queue(
 ) -> None:
     with ThreadPoolExecutor(1) as pool:
         with client.audio.speech.with_streaming_response.create(
-            model="tts-1", voice="alloy", input=TEXT, response_format="pcm",
+            model="tts-1", voice="alloy", input=LONG_TEXT, response_format="pcm",
             extra_body=LONG_GENERATION,
         ) as long_response:  # fmt: skip
             first_piece = next(long_response.iter_bytes())
