@@ -14,6 +14,8 @@ import platform
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 _LOGGER = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qwen3_cpu.cpp"
@@ -30,7 +32,7 @@ def cpu_kernels() -> ModuleType | None:
 
         _LOGGER.info("Loading the native CPU kernels (the first time compiles them, ~1 min)")
         return load(
-            name=f"soprano_qwen3_cpu_{_cpu_tag()}",
+            name=f"soprano_qwen3_cpu_{_build_tag()}",
             sources=[str(SOURCE)],
             extra_cflags=FLAGS,
             verbose=False,
@@ -53,9 +55,10 @@ def main() -> int:
     return 0
 
 
-def _cpu_tag() -> str:
-    """Names the build after the CPU's features, since -march=native code is only for them."""
-    features = platform.machine()
+def _build_tag() -> str:
+    """Names the build after what it is only good for: this CPU's features (-march=native) and
+    this PyTorch (its C++ ABI), so that neither a copied cache nor an upgrade loads a stale one."""
+    features = f"{platform.machine()} torch {torch.__version__} "
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             features += next((line for line in info if line.startswith(("flags", "Features"))), "")
