@@ -100,16 +100,36 @@ def _pad_rows(weight: Tensor, multiple: int) -> Tensor:
     return torch.cat([weight, weight.new_zeros(missing, weight.shape[1])]) if missing else weight
 
 
-def use_panels(
-    module: nn.Module, kernels: ModuleType, storage: torch.dtype, bf16_products: bool = False
-) -> int:
-    """Move every nn.Linear below `module` that fits onto `storage` panels; return how many."""
-    fitting = [
+def linears_below(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Every nn.Linear below `module`, with the parent and attribute name that hold it."""
+    return [
         (parent, name, child)
         for parent in module.modules()
         for name, child in parent.named_children()
-        if isinstance(child, nn.Linear) and PanelLinear.fits(child, kernels, storage, bf16_products)
+        if isinstance(child, nn.Linear)
     ]
+
+
+def use_panels(
+    module: nn.Module,
+    kernels: ModuleType,
+    storage: torch.dtype,
+    bf16_products: bool = False,
+    *,
+    all_or_none: bool = False,
+) -> int:
+    """Move the nn.Linears below `module` that fit onto `storage` panels; return how many.
+
+    With `all_or_none`, move none unless every one fits.
+    """
+    linears = linears_below(module)
+    fitting = [
+        (parent, name, child)
+        for parent, name, child in linears
+        if PanelLinear.fits(child, kernels, storage, bf16_products)
+    ]
+    if all_or_none and len(fitting) < len(linears):
+        return 0
     packed = PanelLinear.pack_all(
         [child for _, _, child in fitting], kernels, storage, bf16_products
     )
@@ -200,14 +220,11 @@ def replace_linears(
     Returns how many were replaced and how many kept.
     """
     replaced = kept = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            replacement = storage(child.weight)
-            if replacement is None:
-                kept += 1
-            else:
-                replaced += 1
-                setattr(parent, name, replacement)
+    for parent, name, child in linears_below(module):
+        replacement = storage(child.weight)
+        if replacement is None:
+            kept += 1
+        else:
+            replaced += 1
+            setattr(parent, name, replacement)
     return replaced, kept

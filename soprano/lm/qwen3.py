@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soprano.checkpoint import LMConfig
-from soprano.lm.linear import PanelLinear, add_projection, use_panels
+from soprano.lm.linear import add_projection, use_panels
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -315,12 +315,8 @@ class Qwen3(nn.Module):
         config = self.config
         if self.norm.dtype != torch.float32 or config.head_dim % kernels.VECTOR_WIDTH:
             return False
-        linears = [module for module in self.modules() if isinstance(module, nn.Linear)]
-        if not all(
-            PanelLinear.fits(layer, kernels, bf16_products=bf16_products) for layer in linears
-        ):
+        if not use_panels(self, kernels, torch.bfloat16, bf16_products, all_or_none=True):
             return False
-        use_panels(self, kernels, torch.bfloat16, bf16_products)
         self.compiled = kernels.Qwen3Forward(
             config.num_attention_heads,
             config.num_key_value_heads,
