@@ -8,6 +8,7 @@ from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 from soprano.errors import BackendUnavailableError, ModelLoadError, SopranoError
 
 if TYPE_CHECKING:
+    from soprano.lm.base import SamplingParams
     from soprano.tts import SopranoTTS
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "TOKEN_SAMPLES",
     "BackendUnavailableError",
     "ModelLoadError",
+    "SamplingParams",
     "SopranoError",
     "SopranoTTS",
 ]
@@ -26,4 +28,8 @@ def __getattr__(name: str) -> Any:
         from soprano.tts import SopranoTTS
 
         return SopranoTTS
+    if name == "SamplingParams":
+        from soprano.lm.base import SamplingParams
+
+        return SamplingParams
     raise AttributeError(f"module 'soprano' has no attribute {name!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +81,20 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, window: Tensor) -> Tensor:
         """Map a [B, D, T + 2·context] window to its T inner frames."""
         y = self.dwconv(window).transpose(1, 2)
-        y = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        rows = y.reshape(-1, y.shape[-1])
+        y = self.channel_mlp(rows, [len(rows)]).view(y.shape)
         return _inner(window, self.context) + y.transpose(1, 2)
+
+    def channel_mlp(self, rows: Tensor, sizes: Sequence[int]) -> Tensor:
+        """The per-frame part of the block on [frames, D] rows, made of runs of `sizes` frames.
+
+        Row by row (LayerNorm and the products) a frame's result does not depend on the other
+        rows. GELU's vectorised loop leaves a scalar tail that depends on the tensor's size, so
+        it runs on each run of frames alone: a stream decoded next to others gets the same bits.
+        """
+        hidden = self.pwconv1(self.norm(rows))
+        hidden = torch.cat([self.act(part) for part in hidden.split(list(sizes))])
+        return self.gamma * self.pwconv2(hidden)
 
 
 class VocosBackbone(nn.Module):
@@ -187,7 +200,12 @@ class ISTFTHead(nn.Module):
 
     def spectrum(self, x: Tensor) -> Tensor:
         """[B, D, T] backbone output → complex spectrum [B, 1025, T]."""
-        log_magnitude, phase = self.out(x.transpose(1, 2)).transpose(1, 2).chunk(2, dim=1)
+        return self.polar(self.out(x.transpose(1, 2)))
+
+    @staticmethod
+    def polar(projected: Tensor) -> Tensor:
+        """[B, T, 2050] projections (log-magnitudes, then phases) → complex [B, 1025, T]."""
+        log_magnitude, phase = projected.transpose(1, 2).chunk(2, dim=1)
         magnitude = torch.exp(log_magnitude).clamp(max=MAX_MAGNITUDE)
         return torch.polar(magnitude, phase)
 
@@ -326,20 +344,55 @@ def _check_state(
         )
 
 
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """How many tokens each streamed chunk holds: `first` at first, then half the tokens sent so
+    far, between `first` and `largest`.
+
+    Small chunks give the first audio early; later ones grow while the audio already sent keeps
+    the listener busy, so that a stream costs about what offline decoding costs. The sizes
+    depend only on the stream itself, never on the load, so the audio is the same however
+    busy the server is (the chunk boundaries change the float rounding).
+    """
+
+    first: int = 1
+    largest: int | None = None
+    """None: every chunk is `first` tokens."""
+
+    def __post_init__(self) -> None:
+        for name, value in (("chunk_size", self.first), ("max_chunk_size", self.largest)):
+            if value is None and name == "max_chunk_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.largest is not None and self.largest < self.first:
+            raise ValueError(
+                f"max_chunk_size ({self.largest}) must be at least chunk_size ({self.first})"
+            )
+
+    def size_after(self, sent_tokens: int) -> int:
+        """Tokens of the chunk that follows `sent_tokens` tokens of audio."""
+        if self.largest is None or sent_tokens == 0:
+            return self.first
+        return max(self.first, min(self.largest, sent_tokens // 2))
+
+
 class StreamingDecoder:
     """Decode one sentence frame by frame; the emitted pieces concatenate to the offline decode.
 
-    Audio follows spec §3.9: the first `chunk_size`·TOKEN_SAMPLES samples come out once
-    RECEPTIVE_FIELD + chunk_size frames are in, then one chunk every `chunk_size` frames, and
-    `finish` returns the rest. Unlike upstream, which re-decodes a window of 2·RF + chunk_size
-    frames per chunk, each frame goes through the network once: every stage keeps the few input
-    frames its convolution still needs as context, and the overlap-add keeps its unfinished tail.
-    `finish` resets the state, so the object can decode the next sentence.
+    The first chunk comes out once RECEPTIVE_FIELD + schedule.first frames are in, each later one
+    after as many more frames as the schedule says, and `finish` returns the rest. Unlike
+    upstream, which re-decodes a window of 2·RF + chunk_size frames per chunk, each frame goes
+    through the network once: every stage keeps the few input frames its convolution still
+    needs as context, and the overlap-add keeps its unfinished tail (docs/decoder.md).
+    `decode_streams` decodes many such streams in one pass; `finish` resets the state, so the
+    object can decode the next sentence.
     """
 
-    def __init__(self, decoder: SopranoDecoder, chunk_size: int = 1) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    def __init__(
+        self, decoder: SopranoDecoder, chunk_size: int = 1, max_chunk_size: int | None = None
+    ) -> None:
+        self.schedule = ChunkSchedule(chunk_size, max_chunk_size)
         if _lookahead_tokens(decoder) > RECEPTIVE_FIELD:
             raise ValueError(
                 f"a decoder with {decoder.num_blocks} blocks and embed kernel "
@@ -347,14 +400,15 @@ class StreamingDecoder:
                 "tokens and cannot stream losslessly"
             )
         self.decoder = decoder
-        self.chunk_size = chunk_size
         self._reset()
 
     def _reset(self) -> None:
         decoder = self.decoder
         device = decoder.device
         self._frames_in = 0
-        self._next_chunk_at = RECEPTIVE_FIELD + self.chunk_size
+        self._sent_tokens = 0
+        self._chunk_tokens = self.schedule.first
+        self._next_chunk_at = RECEPTIVE_FIELD + self._chunk_tokens
         self._pending: list[Tensor] = []
         self._previous_frame: Tensor | None = None
         # Left context of every stage starts as the zero padding of the offline decode.
@@ -369,56 +423,42 @@ class StreamingDecoder:
         self._still_to_trim = N_FFT // 2
         self._ready = torch.zeros(0, device=device)
 
-    @torch.inference_mode()
-    def push(self, frame: Tensor) -> Tensor | None:
-        """Add one [C] hidden state; return the next chunk of samples once it is complete."""
+    def add(self, frame: Tensor) -> None:
+        """Add one [C] hidden state."""
         if frame.shape != (self.decoder.input_channels,):
             raise ValueError(
                 f"frame has shape {tuple(frame.shape)}; expected [{self.decoder.input_channels}]"
             )
         self._pending.append(frame.to(self.decoder.device, torch.float32))
         self._frames_in += 1
-        if self._frames_in < self._next_chunk_at:
-            return None
-        self._next_chunk_at += self.chunk_size
-        self._ready = torch.cat((self._ready, self._decode_pending(flush=False)))
-        chunk_samples = self.chunk_size * TOKEN_SAMPLES
-        chunk, self._ready = self._ready[:chunk_samples], self._ready[chunk_samples:]
-        return chunk
 
-    @torch.inference_mode()
+    @property
+    def due(self) -> bool:
+        """Whether the frames added complete the next chunk."""
+        return self._frames_in >= self._next_chunk_at
+
+    def push(self, frame: Tensor) -> Tensor | None:
+        """Add one [C] hidden state; return the next chunk of samples once it is complete."""
+        self.add(frame)
+        return decode_streams([self])[0] if self.due else None
+
     def finish(self) -> Tensor:
         """Return every sample not yet emitted and start over for a new sentence."""
-        rest = self._ready
-        if self._frames_in:
-            rest = torch.cat((rest, self._decode_pending(flush=True)))
-        self._reset()
-        return rest
+        return decode_streams([self], [True])[0]
 
-    def _decode_pending(self, flush: bool) -> Tensor:
-        """Run the frames pushed since the last call through the network; return final samples.
-
-        With `flush` the sentence ends here: the right edge gets the zero padding and the
-        iSTFT trim of the offline decode.
-        """
-        decoder = self.decoder
-        x = self._upsample_pending()
-        for index, (stage, context) in enumerate(decoder.decoder.stages()):
-            x = self._through_stage(index, stage, context, x, flush)
-        x = _norm_channels(decoder.decoder.final_layer_norm, x)
-        istft = decoder.head.istft
-        signal, envelope = istft.overlap_add(istft.frames(decoder.head.spectrum(x)))
-        overlap = N_FFT - HOP_LENGTH
-        signal[:, :overlap] += self._signal_tail
-        envelope[:, :overlap] += self._envelope_tail
+    def _take(self, samples: Tensor, flush: bool) -> Tensor:
+        """What the stream emits, given the final samples that its pending frames decoded to."""
         if flush:
-            final = signal.shape[-1] - N_FFT // 2
-        else:
-            final = signal.shape[-1] - overlap
-            self._signal_tail, self._envelope_tail = signal[:, final:], envelope[:, final:]
-        start = min(self._still_to_trim, final)
-        self._still_to_trim -= start
-        return signal[0, start:final] / envelope[0, start:final]
+            rest = torch.cat((self._ready, samples))
+            self._reset()
+            return rest
+        self._ready = torch.cat((self._ready, samples))
+        chunk_samples = self._chunk_tokens * TOKEN_SAMPLES
+        chunk, self._ready = self._ready[:chunk_samples], self._ready[chunk_samples:]
+        self._sent_tokens += self._chunk_tokens
+        self._chunk_tokens = self.schedule.size_after(self._sent_tokens)
+        self._next_chunk_at += self._chunk_tokens
+        return chunk
 
     def _upsample_pending(self) -> Tensor:
         """Upsampled frames that the pending tokens add (4 per token after the first)."""
@@ -434,18 +474,104 @@ class StreamingDecoder:
         # The previous token's own frame went out with the previous call.
         return frames[..., 1:] if continuing else frames
 
-    def _through_stage(
-        self, index: int, stage: Stage, context: int, x: Tensor, flush: bool
-    ) -> Tensor:
-        """Feed new frames to one stage; keep its last 2·context inputs for the next call."""
+    def _window(self, index: int, context: int, x: Tensor, flush: bool) -> Tensor | None:
+        """New frames of one stage behind its kept context (and, with `flush`, the right zero
+        padding); keeps its last 2·context inputs for the next call. None if it yields no frame
+        (a 1×1 embed fed nothing: finish right after a chunk)."""
         parts = [self._stage_tails[index], x]
         if flush:
             parts.append(x.new_zeros(1, x.shape[1], context))
         window = torch.cat(parts, dim=-1)
         self._stage_tails[index] = window[..., window.shape[-1] - 2 * context :]
-        if window.shape[-1] <= 2 * context:  # a 1×1 embed fed nothing: finish right after a chunk
-            return x.new_zeros(1, self.decoder.dim, 0)
-        return stage(window)
+        return window if window.shape[-1] > 2 * context else None
+
+    def _overlap_add(self, spectrum: Tensor, flush: bool) -> Tensor:
+        """Final samples of this call's spectrum frames, the tail of the previous call added."""
+        istft = self.decoder.head.istft
+        signal, envelope = istft.overlap_add(istft.frames(spectrum))
+        overlap = N_FFT - HOP_LENGTH
+        signal[:, :overlap] += self._signal_tail
+        envelope[:, :overlap] += self._envelope_tail
+        if flush:
+            final = signal.shape[-1] - N_FFT // 2
+        else:
+            final = signal.shape[-1] - overlap
+            self._signal_tail, self._envelope_tail = signal[:, final:], envelope[:, final:]
+        start = min(self._still_to_trim, final)
+        self._still_to_trim -= start
+        return signal[0, start:final] / envelope[0, start:final]
+
+
+@torch.inference_mode()
+def decode_streams(
+    streams: Sequence[StreamingDecoder], flushes: Sequence[bool] | None = None
+) -> list[Tensor]:
+    """Run the pending frames of several streams through their decoder in one pass.
+
+    A stream that is `due` gets its next chunk; one flushed (its sentence ended) gets all its
+    remaining samples and starts over. The frame-mixing convolutions and the iSTFT run per
+    stream; the channel MLPs and the head, which read the decoder's weights, take the frames of
+    every stream as the rows of one product, so many streams cost little more than one. Each
+    stream's samples are the bits it would get decoded alone.
+    """
+    flushes = [False] * len(streams) if flushes is None else list(flushes)
+    # A stream flushed before any frame came has nothing to decode, only what it holds.
+    empty = [
+        flush and stream._frames_in == 0 for stream, flush in zip(streams, flushes, strict=True)
+    ]
+    working = [i for i, nothing in enumerate(empty) if not nothing]
+    decoded = iter(_decode_together([streams[i] for i in working], [flushes[i] for i in working]))
+    return [
+        stream._take(stream._ready.new_zeros(0), True) if nothing else next(decoded)
+        for stream, nothing in zip(streams, empty, strict=True)
+    ]
+
+
+def _decode_together(streams: Sequence[StreamingDecoder], flushes: Sequence[bool]) -> list[Tensor]:
+    if not streams:
+        return []
+    decoder = streams[0].decoder
+    if any(stream.decoder is not decoder for stream in streams):
+        raise ValueError("streams decoded together must share one decoder")
+    backbone = decoder.decoder
+    xs = [stream._upsample_pending() for stream in streams]
+    for index, (stage, context) in enumerate(backbone.stages()):
+        windows = [
+            stream._window(index, context, x, flush)
+            for stream, x, flush in zip(streams, xs, flushes, strict=True)
+        ]
+        if isinstance(stage, ConvNeXtBlock):
+            xs = _blocks_together(stage, windows)
+        else:
+            xs = [_no_frames(decoder) if window is None else stage(window) for window in windows]
+    rows = torch.cat([x[0].T for x in xs])
+    projected = decoder.head.out(backbone.final_layer_norm(rows))
+    # exp and polar run per stream: their vectorised loops' tails depend on the tensor's size.
+    return [
+        stream._take(stream._overlap_add(ISTFTHead.polar(part[None]), flush), flush)
+        for stream, part, flush in zip(
+            streams, projected.split([x.shape[-1] for x in xs]), flushes, strict=True
+        )
+    ]
+
+
+def _no_frames(decoder: SopranoDecoder) -> Tensor:
+    return torch.zeros(1, decoder.dim, 0, device=decoder.device)
+
+
+def _blocks_together(block: ConvNeXtBlock, windows: Sequence[Tensor | None]) -> list[Tensor]:
+    """One ConvNeXt block on several streams' windows: depthwise conv per stream, the channel
+    MLP on all their frames at once."""
+    convolved = [None if window is None else block.dwconv(window)[0].T for window in windows]
+    present = [frames for frames in convolved if frames is not None]
+    sizes = [len(frames) for frames in present]
+    mixed = iter(block.channel_mlp(torch.cat(present), sizes).split(sizes) if present else [])
+    return [
+        block.gamma.new_zeros(1, len(block.gamma), 0)
+        if window is None
+        else _inner(window, block.context) + next(mixed).T[None]
+        for window in windows
+    ]
 
 
 def _lookahead_tokens(decoder: SopranoDecoder) -> int:

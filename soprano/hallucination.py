@@ -5,7 +5,11 @@ Consecutive frames that barely change, for long enough, mean the LM is looping.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+_LOGGER = logging.getLogger("soprano")
 
 MIN_FRAMES = 16
 """Sentences this short are never flagged."""
@@ -31,3 +35,12 @@ def looks_hallucinated(hidden: torch.Tensor) -> bool:
         elif run > 0:
             run -= 1
     return False
+
+
+def warn_cut(sentence: str, max_new_tokens: int) -> None:
+    """Log a sentence that reached max_new_tokens: it was cut, and is most likely a loop."""
+    _LOGGER.warning(
+        "A sentence did not finish within %d tokens and was cut (likely a hallucination): %r",
+        max_new_tokens,
+        sentence,
+    )

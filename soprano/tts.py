@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ from soprano.constants import (
     MAX_NEW_TOKENS,
     SAMPLE_RATE,
 )
-from soprano.decoder import SopranoDecoder, StreamingDecoder
+from soprano.decoder import ChunkSchedule, SopranoDecoder
 from soprano.device import select_device
 from soprano.errors import ModelLoadError
-from soprano.hallucination import looks_hallucinated
+from soprano.hallucination import looks_hallucinated, warn_cut
 from soprano.lm import Generation, SamplingParams, load_language_model, select_backend
 from soprano.lm.kernels import cpu_kernels
 from soprano.lm.linear import use_panels
+from soprano.serving.scheduler import Scheduler
 from soprano.text import prepare_text
 from soprano.tokenizer import PromptTokenizer
 
@@ -115,20 +117,16 @@ class SopranoTTS:
         retries: int = 0,
         seed: int | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        *,
+        sampling: SamplingParams | None = None,
     ) -> torch.Tensor:
         """Speech for `text` as a 1-D float32 CPU tensor at 32 kHz (empty for text with no words).
 
-        `out_path` also writes it as a 16-bit WAV file.
+        `out_path` also writes it as a 16-bit WAV file. Sampling is set by `sampling` or by the
+        loose keyword arguments (upstream Soprano's signature), not both.
         """
-        (audio,) = self.infer_batch(
-            [text],
-            top_p=top_p,
-            temperature=temperature,
-            repetition_penalty=repetition_penalty,
-            retries=retries,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-        )
+        params = _sampling(sampling, temperature, top_p, repetition_penalty, seed, max_new_tokens)
+        (audio,) = self.infer_batch([text], retries=retries, sampling=params)
         if out_path is not None:
             write_wav(out_path, audio)
         return audio
@@ -143,6 +141,8 @@ class SopranoTTS:
         retries: int = 0,
         seed: int | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        *,
+        sampling: SamplingParams | None = None,
     ) -> list[torch.Tensor]:
         """One tensor per text; every sentence of every text is generated in one batch.
 
@@ -151,7 +151,7 @@ class SopranoTTS:
         if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
             raise ValueError("texts must be a list of strings")
         _require_int("retries", retries, minimum=0)
-        params = SamplingParams(temperature, top_p, repetition_penalty, max_new_tokens, seed)
+        params = _sampling(sampling, temperature, top_p, repetition_penalty, seed, max_new_tokens)
         sentences = [prepare_text(text) for text in texts]
         generations = self._generate([s for text in sentences for s in text], params, retries)
         pieces = iter(self.decoder.decode([g.hidden for g in generations], self.decoder_batch_size))
@@ -171,47 +171,46 @@ class SopranoTTS:
         repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
         seed: int | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
-    ) -> Iterator[torch.Tensor]:
-        """Yield audio as it is generated; the chunks concatenate to `infer(text)` exactly.
+        *,
+        max_chunk_size: int | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> Generator[torch.Tensor, None, None]:
+        """Yield audio as it is generated; the chunks concatenate to `infer(text)` (to float
+        rounding).
 
-        The first chunk follows RECEPTIVE_FIELD + chunk_size tokens of the first sentence; each
-        later chunk adds chunk_size tokens (TOKEN_SAMPLES samples each). Later sentences are
-        generated in the same batch and their audio follows in order.
+        The first chunk follows RECEPTIVE_FIELD + chunk_size tokens of the first sentence; later
+        chunks hold chunk_size tokens (TOKEN_SAMPLES samples each), or, with `max_chunk_size`,
+        grow up to that many as the audio already sent allows (ChunkSchedule). Later sentences
+        are generated in the same batch and their audio follows in order. Close the generator
+        to stop early.
         """
         if not isinstance(text, str):
             raise ValueError("text must be a string")
-        _require_int("chunk_size", chunk_size, minimum=1)
-        params = SamplingParams(temperature, top_p, repetition_penalty, max_new_tokens, seed)
-        return self._stream(prepare_text(text), chunk_size, params)
+        schedule = ChunkSchedule(chunk_size, max_chunk_size)
+        params = _sampling(sampling, temperature, top_p, repetition_penalty, seed, max_new_tokens)
+        return self._stream(prepare_text(text), schedule, params)
 
     def _stream(
-        self, sentences: list[str], chunk_size: int, params: SamplingParams
-    ) -> Iterator[torch.Tensor]:
-        prompts = [self.tokenizer.encode(sentence) for sentence in sentences]
-        decoders = [StreamingDecoder(self.decoder, chunk_size) for _ in sentences]
-        ready: list[list[torch.Tensor]] = [[] for _ in sentences]
-        done = [False] * len(sentences)
-        current = 0
-        for steps in self.lm.stream(prompts, params):
-            for step in steps:
-                decoder = decoders[step.index]
-                if step.is_audio:
-                    chunk = decoder.push(step.hidden)
-                    if chunk is not None:
-                        ready[step.index].append(chunk)
-                if step.last:
-                    ready[step.index].append(decoder.finish())
-                    done[step.index] = True
-                    if step.is_audio:
-                        _warn_length(sentences[step.index], params.max_new_tokens)
-            while current < len(sentences):
-                for chunk in ready[current]:
-                    if len(chunk):
-                        yield chunk.cpu()
-                ready[current].clear()
-                if not done[current]:
-                    break
-                current += 1
+        self, sentences: list[str], schedule: ChunkSchedule, params: SamplingParams
+    ) -> Generator[torch.Tensor, None, None]:
+        """Drive a Scheduler of our own on this thread, all sentences in one batch."""
+        scheduler = Scheduler(self.lm, self.decoder, max_batch_size=max(1, len(sentences)))
+        ready: deque[torch.Tensor | BaseException | None] = deque()
+        prompts = [(sentence, self.tokenizer.encode(sentence)) for sentence in sentences]
+        job = scheduler.submit(prompts, params, schedule, ready.append)
+        try:
+            while True:
+                while ready:
+                    item = ready.popleft()
+                    if item is None:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item.cpu()
+                scheduler.step()
+        finally:
+            if not job.finished:
+                scheduler.cancel(job)
 
     def _generate(
         self, sentences: list[str], params: SamplingParams, retries: int
@@ -231,7 +230,7 @@ class SopranoTTS:
                 generations[index] = generation
         for sentence, generation in zip(sentences, generations, strict=True):
             if generation.finish_reason == "length":
-                _warn_length(sentence, params.max_new_tokens)
+                warn_cut(sentence, params.max_new_tokens)
         return generations
 
 
@@ -239,12 +238,21 @@ def _concatenate(pieces: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0)
 
 
-def _warn_length(sentence: str, max_new_tokens: int) -> None:
-    _LOGGER.warning(
-        "A sentence did not finish within %d tokens and was cut (likely a hallucination): %r",
-        max_new_tokens,
-        sentence,
-    )
+def _sampling(
+    sampling: SamplingParams | None,
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+    max_new_tokens: int,
+) -> SamplingParams:
+    """The one SamplingParams of a call, from `sampling` or from the loose arguments."""
+    loose = SamplingParams(temperature, top_p, repetition_penalty, max_new_tokens, seed)
+    if sampling is None:
+        return loose
+    if loose != SamplingParams():
+        raise ValueError("give sampling settings as `sampling` or as keyword arguments, not both")
+    return sampling
 
 
 def _require_int(name: str, value: object, minimum: int) -> None:

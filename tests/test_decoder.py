@@ -366,7 +366,9 @@ def test_streaming_computes_every_frame_once() -> None:
     decoder = small_decoder(3)
     processed: list[int] = []
     for block in decoder.decoder.convnext:
-        block.pwconv1.register_forward_hook(lambda _m, args, _o: processed.append(args[0].shape[1]))
+        block.pwconv1.register_forward_hook(
+            lambda _m, args, _o: processed.append(args[0].shape[:-1].numel())
+        )
     frames = torch.randn(12, 32)
     decoder.decode([frames])
     offline = sum(processed)

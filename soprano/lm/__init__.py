@@ -10,13 +10,14 @@ import torch
 
 from soprano.checkpoint import Checkpoint
 from soprano.errors import BackendUnavailableError
-from soprano.lm.base import Generation, LanguageModel, SamplingParams, Step
+from soprano.lm.base import Generation, LanguageModel, SamplingParams, SequenceBatch, Step
 
 __all__ = [
     "BACKENDS",
     "Generation",
     "LanguageModel",
     "SamplingParams",
+    "SequenceBatch",
     "Step",
     "load_language_model",
     "select_backend",

@@ -8,10 +8,11 @@ offline and streaming inference and their outputs agree.
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -88,14 +89,40 @@ class Generation:
     finish_reason: FinishReason
 
 
+class SequenceBatch(ABC):
+    """Sequences generated together, which join and leave between steps (continuous batching).
+
+    `add` queues a prompt; each `step` advances the sequences it names by one token, prefilling
+    the prompts of those that have not started (in the same forward as the others' tokens). A
+    sequence whose Step is `last` has left; `remove` drops one early (a cancelled request).
+    """
+
+    @abstractmethod
+    def add(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        """Register a prompt; returns the key that its Steps carry as `index`."""
+
+    @abstractmethod
+    def step(self, keys: Sequence[int]) -> list[Step]:
+        """One token for each of `keys` (added and not finished), in that order."""
+
+    @abstractmethod
+    def remove(self, key: int) -> None:
+        """Forget a sequence (finished or not) and free what it holds."""
+
+
 class LanguageModel(ABC):
-    """A Soprano LM backend."""
+    """A Soprano LM backend. It implements `stream` (a fixed batch), or `open_batch` (continuous
+    batching), or both; each has a default built on the other."""
 
     name: ClassVar[str]
     device: torch.device
     hidden_size: int
 
-    @abstractmethod
+    def open_batch(self) -> SequenceBatch:
+        """A batch that sequences can join at any step. By default each sequence runs alone
+        through `stream`, in turns: backends without continuous batching serve that way."""
+        return SerialBatch(self)
+
     def stream(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> Iterator[list[Step]]:
@@ -103,6 +130,17 @@ class LanguageModel(ABC):
 
         Each sequence ends with a Step whose `last` is True; after it the sequence yields nothing.
         """
+        batch = self.open_batch()
+        keys = {batch.add(prompt, params): index for index, prompt in enumerate(prompts)}
+        active = list(keys)
+        try:
+            while active:
+                steps = batch.step(active)
+                yield [replace(step, index=keys[step.index]) for step in steps]
+                active = [step.index for step in steps if not step.last]
+        finally:
+            for key in active:
+                batch.remove(key)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
@@ -122,6 +160,35 @@ class LanguageModel(ABC):
             Generation(t, stack_frames(f, self.hidden_size, self.device), r)
             for t, f, r in zip(tokens, frames, reasons, strict=True)
         ]
+
+
+class SerialBatch(SequenceBatch):
+    """Continuous batching for backends that only `stream` a fixed batch: every sequence is its
+    own stream of one, advanced in turns."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self._lm = lm
+        self._streams: dict[int, Iterator[list[Step]]] = {}
+        self._keys = itertools.count()
+
+    def add(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        key = next(self._keys)
+        self._streams[key] = self._lm.stream([prompt], params)
+        return key
+
+    def step(self, keys: Sequence[int]) -> list[Step]:
+        steps = []
+        for key in keys:
+            (step,) = next(self._streams[key])
+            steps.append(replace(step, index=key))
+            if step.last:
+                self.remove(key)
+        return steps
+
+    def remove(self, key: int) -> None:
+        stream = self._streams.pop(key, None)
+        if stream is not None and hasattr(stream, "close"):
+            stream.close()
 
 
 def stack_frames(

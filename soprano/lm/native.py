@@ -1,21 +1,24 @@
 """The native backend: our own Qwen3 forward (soprano.lm.qwen3) in a lean batched step loop.
 
-Per step it runs one forward for all active sequences against a preallocated KV cache, picks
-tokens with the shared TokenSampler, and drops finished sequences from the batch, so the work per
-step follows the number of sentences still speaking.
+Per step it runs one forward for the sequences asked for (new prompts and one token of each
+running sequence, each against its own KV cache), picks tokens with the shared TokenSampler, and
+drops finished sequences, so the work per step follows the number of sentences still speaking.
+Sequences may join at any step: the serving layer's continuous batching rides on this.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
 from soprano.errors import BackendUnavailableError
-from soprano.lm.base import LanguageModel, SamplingParams, Step, left_pad
+from soprano.lm.base import LanguageModel, SamplingParams, SequenceBatch, Step
 from soprano.lm.kernels import cpu_kernels
 from soprano.lm.linear import (
     DynamicInt8Linear,
@@ -23,7 +26,7 @@ from soprano.lm.linear import (
     fbgemm_available,
     replace_linears,
 )
-from soprano.lm.qwen3 import Qwen3
+from soprano.lm.qwen3 import Qwen3, SequenceCache
 from soprano.lm.sampling import TokenSampler
 
 _LOGGER = logging.getLogger(__name__)
@@ -90,44 +93,70 @@ class NativeLM(LanguageModel):
             return False
         return model.use_cpu_kernels(built, bf16_products)
 
-    @torch.inference_mode()
-    def stream(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams
-    ) -> Iterator[list[Step]]:
-        if not prompts:
-            return
-        if any(len(prompt) == 0 for prompt in prompts):
-            raise ValueError("every prompt needs at least one token")
-        count = len(prompts)
-        tokens, valid, positions = left_pad(prompts, self.device)
+    def open_batch(self) -> NativeBatch:
+        return NativeBatch(self)
 
-        sampler = TokenSampler(prompts, params, self.vocab_size, self.device)
-        cache = self.model.new_cache(count, tokens.shape[1] + params.max_new_tokens)
-        hidden = self.model(tokens, positions, cache, valid)[:, -1]
-        logits = self.model.logits(hidden)
-        next_positions = positions[:, -1] + 1
-        rows = torch.arange(count, device=self.device)
-        indices = list(range(count))
-        for step in range(1, params.max_new_tokens + 1):
-            chosen = sampler(logits, rows)
-            frames = hidden.float().unbind()
-            at_limit = step == params.max_new_tokens
-            steps = []
-            kept: list[int] = []
-            for row, (index, token) in enumerate(zip(indices, chosen.tolist(), strict=True)):
-                last = at_limit or token == STOP_ID
-                steps.append(Step(index, token, frames[row], last))
-                if not last:
-                    kept.append(row)
-            yield steps
-            if not kept:
-                return
-            if len(kept) < len(indices):
-                first_moved = next((pos for pos, row in enumerate(kept) if row != pos), len(kept))
-                keep = torch.tensor(kept, device=self.device)
-                cache.keep(keep, first_moved)
-                chosen, next_positions, rows = chosen[keep], next_positions[keep], rows[keep]
-                indices = [indices[row] for row in kept]
-            hidden = self.model(chosen[:, None], next_positions[:, None], cache)[:, -1]
-            logits = self.model.logits(hidden)
-            next_positions = next_positions + 1
+
+class NativeBatch(SequenceBatch):
+    """Continuous batching on the native model: every sequence has its own KV cache, so one
+    forward takes the prompts of sequences that join together with one token of each running
+    sequence, and a sequence that leaves frees its cache. With the compiled kernels every
+    sequence gets the same bits whatever else shares its steps."""
+
+    def __init__(self, lm: NativeLM) -> None:
+        self._lm = lm
+        self._sampler = TokenSampler(lm.vocab_size, lm.device)
+        self._sequences: dict[int, _Sequence] = {}
+        self._keys = itertools.count()
+
+    def add(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        if len(prompt) == 0:
+            raise ValueError("every prompt needs at least one token")
+        key = next(self._keys)
+        tokens = torch.tensor(list(prompt), dtype=torch.long)
+        self._sequences[key] = _Sequence(tokens, params.max_new_tokens)
+        self._sampler.add(key, prompt, params)
+        return key
+
+    @torch.inference_mode()
+    def step(self, keys: Sequence[int]) -> list[Step]:
+        if not keys:
+            return []
+        model = self._lm.model
+        sequences = [self._sequences[key] for key in keys]
+        for sequence in sequences:
+            if sequence.cache is None:
+                sequence.cache = model.new_cache(len(sequence.pending) + sequence.max_new_tokens)
+        counts = [len(sequence.pending) for sequence in sequences]
+        tokens = torch.cat([sequence.pending for sequence in sequences]).to(self._lm.device)
+        hidden = model(tokens, [sequence.cache for sequence in sequences], counts)
+        last_rows = torch.tensor(counts).cumsum(0) - 1
+        hidden = hidden[last_rows.to(hidden.device)]
+        chosen = self._sampler(model.logits(hidden), keys)
+        frames = hidden.float().unbind()
+        steps = []
+        for key, sequence, token, frame in zip(
+            keys, sequences, chosen.tolist(), frames, strict=True
+        ):
+            sequence.generated += 1
+            last = token == STOP_ID or sequence.generated == sequence.max_new_tokens
+            steps.append(Step(key, token, frame, last))
+            if last:
+                self.remove(key)
+            else:
+                sequence.pending = chosen.new_tensor([token]).cpu()
+        return steps
+
+    def remove(self, key: int) -> None:
+        self._sequences.pop(key, None)
+        self._sampler.remove(key)
+
+
+@dataclass
+class _Sequence:
+    pending: torch.Tensor
+    """Token ids for its next forward: the prompt at first, then the last chosen token."""
+    max_new_tokens: int
+    generated: int = 0
+    cache: SequenceCache | None = None
+    """Allocated on its first step, so that queued sequences hold no memory."""

@@ -2,8 +2,9 @@
 
 Same arithmetic as Hugging Face's Qwen3ForCausalLM (pre-norm blocks, per-head RMSNorm on queries
 and keys, rotate-half RoPE, grouped-query attention, SwiGLU MLP), with fewer and larger kernels:
-q/k/v and gate/up are fused into one matmul each, and keys and values go into a preallocated
-cache that the whole batch shares. Rows are left-padded so that one write index serves them all.
+q/k/v and gate/up are fused into one matmul each. A forward takes a ragged batch: the new tokens
+of any number of sequences, each with a KV cache of its own, so sequences can join a running
+batch (their prompt is one more run of tokens in the next call) and leave it at any step.
 
 On CPUs, `use_cpu_kernels` hands the forward to the compiled kernels of soprano/lm/csrc, which do
 the same arithmetic without a kernel launch per small operation.
@@ -11,6 +12,7 @@ the same arithmetic without a kernel launch per small operation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -60,59 +62,26 @@ class RotaryEmbedding(nn.Module):
         self.cos = angles.cos()
         self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
-    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """[B, T] positions → cos and signed sin of shape [B, T, 1, head_dim]."""
-        cos = self.cos[positions].unsqueeze(2).to(dtype)
-        sin = self.signed_sin[positions].unsqueeze(2).to(dtype)
-        return cos, sin
-
 
 def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-class KVCache:
-    """Keys and values of every layer for a batch of rows, preallocated to `capacity` positions.
+class SequenceCache:
+    """Keys and values of one sequence in every layer, for up to `capacity` positions.
 
-    Rows leave with `keep`, which moves the remaining rows to the front so that the batch stays
-    dense; `visible` marks the positions each row may attend to (not its left padding).
+    Position p of the sequence is slot p of the cache: there is no padding, so a sequence's
+    attention reads exactly its own positions whatever batch it is computed in.
     """
 
     def __init__(
-        self,
-        config: LMConfig,
-        batch: int,
-        capacity: int,
-        dtype: torch.dtype,
-        device: torch.device,
+        self, config: LMConfig, capacity: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        shape = (
-            config.num_hidden_layers,
-            batch,
-            config.num_key_value_heads,
-            capacity,
-            config.head_dim,
-        )
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.rows = batch
+        shape = (config.num_hidden_layers, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
         self.capacity = capacity
-
-    def keep(self, rows: Tensor, first_moved: int) -> None:
-        """Keep only `rows` (ascending indices), compacted to the front of the batch.
-
-        Rows before `first_moved` stay where they are, so only the rows after it are copied.
-        """
-        count = len(rows)
-        moved = rows[first_moved:]
-        if len(moved):
-            length = self.length
-            self.keys[:, first_moved:count, :, :length] = self.keys[:, moved, :, :length]
-            self.values[:, first_moved:count, :, :length] = self.values[:, moved, :, :length]
-            self.visible[first_moved:count] = self.visible[moved]
-        self.rows = count
 
 
 class Attention(nn.Module):
@@ -133,34 +102,41 @@ class Attention(nn.Module):
         residual: Tensor,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        keys: Tensor,
-        values: Tensor,
-        start: int,
-        mask: Tensor,
+        layer: int,
+        caches: Sequence[SequenceCache],
+        counts: Sequence[int],
     ) -> Tensor:
-        """residual + attention(x), writing x's keys and values at `start` in the cache."""
-        batch, length, _ = x.shape
+        """residual + attention(x) for [N, hidden] rows: `counts[i]` new tokens of `caches[i]`,
+        one sequence after the other, whose keys and values are appended to that cache."""
+        rows = x.shape[0]
         qk_heads = self.heads + self.kv_heads
-        qkv = self.qkv_proj(x).view(batch, length, qk_heads + self.kv_heads, self.head_dim)
-        qk = head_rms_norm(qkv[:, :, :qk_heads], self.qk_norm, self.eps)
-        qk = apply_rotary(qk, *rope)
-        end = start + length
-        keys[:batch, :, start:end] = qk[:, :, self.heads :].transpose(1, 2)
-        values[:batch, :, start:end] = qkv[:, :, qk_heads:].transpose(1, 2)
-        # Each key head serves `groups` query heads: fold those into the query length, so one
-        # key head attends for all of them without repeating the cache.
         groups = self.heads // self.kv_heads
-        query = qk[:, :, : self.heads].view(batch, length, self.kv_heads, groups, self.head_dim)
-        query = query.permute(0, 2, 3, 1, 4).reshape(
-            batch, self.kv_heads, groups * length, self.head_dim
-        )
-        out = F.scaled_dot_product_attention(
-            query, keys[:batch, :, :end], values[:batch, :, :end], attn_mask=mask
-        )
-        out = out.view(batch, self.kv_heads, groups, length, self.head_dim).permute(0, 3, 1, 2, 4)
-        return add_projection(
-            residual, self.o_proj, out.reshape(batch, length, self.heads * self.head_dim)
-        )
+        qkv = self.qkv_proj(x).view(rows, qk_heads + self.kv_heads, self.head_dim)
+        qk = apply_rotary(head_rms_norm(qkv[:, :qk_heads], self.qk_norm, self.eps), *rope)
+        outputs = []
+        first = 0
+        for cache, count in zip(caches, counts, strict=True):
+            start, end = cache.length, cache.length + count
+            keys, values = cache.keys[layer], cache.values[layer]
+            keys[:, start:end] = qk[first : first + count, self.heads :].transpose(0, 1)
+            values[:, start:end] = qkv[first : first + count, qk_heads:].transpose(0, 1)
+            # Each key head serves `groups` query heads: fold those into the query length, so
+            # one key head attends for all of them without repeating the cache.
+            query = qk[first : first + count, : self.heads].view(
+                count, self.kv_heads, groups, self.head_dim
+            )
+            query = query.permute(1, 2, 0, 3).reshape(self.kv_heads, groups * count, self.head_dim)
+            mask = None
+            if count > 1:
+                query_at = torch.arange(start, end, device=x.device).repeat(groups)[:, None]
+                mask = torch.arange(end, device=x.device) <= query_at
+            out = F.scaled_dot_product_attention(
+                query, keys[:, :end], values[:, :end], attn_mask=mask
+            )
+            out = out.view(self.kv_heads, groups, count, self.head_dim).permute(2, 0, 1, 3)
+            outputs.append(out.reshape(count, self.heads * self.head_dim))
+            first += count
+        return add_projection(residual, self.o_proj, torch.cat(outputs))
 
 
 class MLP(nn.Module):
@@ -188,12 +164,12 @@ class Block(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        keys: Tensor,
-        values: Tensor,
-        start: int,
-        mask: Tensor,
+        layer: int,
+        caches: Sequence[SequenceCache],
+        counts: Sequence[int],
     ) -> Tensor:
-        x = self.attn(x, rms_norm(x, self.input_norm, self.eps), rope, keys, values, start, mask)
+        normed = rms_norm(x, self.input_norm, self.eps)
+        x = self.attn(x, normed, rope, layer, caches, counts)
         return self.mlp(x, rms_norm(x, self.post_attention_norm, self.eps))
 
 
@@ -255,52 +231,61 @@ class Qwen3(nn.Module):
     def _new_rope(config: LMConfig) -> RotaryEmbedding:
         return RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, capacity: int) -> SequenceCache:
+        """A cache for one sequence of up to `capacity` positions (prompt and new tokens)."""
         self.rope.reserve(capacity)
-        return KVCache(self.config, batch, capacity, self.norm.dtype, self.norm.device)
+        return SequenceCache(self.config, capacity, self.norm.dtype, self.norm.device)
 
     def forward(
-        self, tokens: Tensor, positions: Tensor, cache: KVCache, valid: Tensor | None = None
+        self, tokens: Tensor, caches: Sequence[SequenceCache], counts: Sequence[int]
     ) -> Tensor:
-        """Run [B, T] tokens at [B, T] positions after the cache's contents; append their keys.
+        """Run the [N] new tokens of several sequences, `counts[i]` of `caches[i]` after the
+        positions it holds, one sequence after the other; append their keys and values.
 
-        `valid` ([B, T] bool) marks real tokens; padding is never attended to. Returns the
-        post-final-norm hidden states [B, T, hidden_size].
+        Returns the post-final-norm hidden states [N, hidden_size].
         """
-        batch, length = tokens.shape
-        start, end = cache.length, cache.length + length
-        cache.visible[:batch, start:end] = True if valid is None else valid
+        if len(caches) != len(counts) or sum(counts) != len(tokens):
+            raise ValueError("counts must give, per cache, how many of the tokens are its")
+        for cache, count in zip(caches, counts, strict=True):
+            if count < 1 or cache.length + count > cache.capacity:
+                raise ValueError(
+                    f"{count} tokens do not fit a cache of {cache.capacity} holding {cache.length}"
+                )
+        positions = torch.cat(
+            [
+                torch.arange(c.length, c.length + n, dtype=torch.long)
+                for c, n in zip(caches, counts, strict=True)
+            ]
+        ).to(tokens.device)
         if self.compiled is None:
-            hidden = self._forward(tokens, positions, cache, start)
+            hidden = self._forward(tokens, positions, caches, counts)
         else:
+            owners = torch.repeat_interleave(torch.arange(len(caches)), torch.tensor(counts))
             hidden = self.compiled.forward(
                 tokens,
                 positions,
-                cache.keys,
-                cache.values,
-                cache.visible,
+                owners,
+                [cache.keys for cache in caches],
+                [cache.values for cache in caches],
                 self.rope.cos,
                 self.rope.signed_sin,
-                start,
             )
-        cache.length = end
+        for cache, count in zip(caches, counts, strict=True):
+            cache.length += count
         return hidden
 
-    def _forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, start: int) -> Tensor:
-        batch, length = tokens.shape
-        end = start + length
-        mask = cache.visible[:batch, None, None, :end]
-        if length > 1:
-            query_at = torch.arange(start, end, device=tokens.device)[:, None]
-            key_at = torch.arange(end, device=tokens.device)
-            # A padding query sees only itself, so that no softmax row is empty.
-            mask = (mask & (key_at <= query_at)) | (key_at == query_at)
-            groups = self.config.num_attention_heads // self.config.num_key_value_heads
-            mask = mask.repeat(1, 1, groups, 1)
+    def _forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        caches: Sequence[SequenceCache],
+        counts: Sequence[int],
+    ) -> Tensor:
         x = self.embed_tokens(tokens)
-        rope = self.rope(positions, x.dtype)
+        cos = self.rope.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.rope.signed_sin[positions].unsqueeze(1).to(x.dtype)
         for layer, block in enumerate(self.layers):
-            x = block(x, rope, cache.keys[layer], cache.values[layer], start, mask)
+            x = block(x, (cos, sin), layer, caches, counts)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def logits(self, hidden: Tensor) -> Tensor:

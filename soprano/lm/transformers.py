@@ -45,11 +45,13 @@ class TransformersLM(LanguageModel):
 
         if not prompts:
             return
-        sampler = TokenSampler(prompts, params, self.vocab_size, self.device)
+        sampler = TokenSampler(self.vocab_size, self.device)
+        for row, prompt in enumerate(prompts):
+            sampler.add(row, prompt, params)
         input_ids, valid, positions = left_pad(prompts, self.device)
         attention_mask = valid.long()
         cache = DynamicCache()
-        rows = torch.arange(len(prompts), device=self.device)
+        rows = list(range(len(prompts)))
         active = [True] * len(prompts)
         for step in range(params.max_new_tokens):
             output = self.model.model(

@@ -333,8 +333,12 @@ struct Layer {
 
 // ---------------------------------------------------------------------------------------------
 
-// Qwen3's forward over [B, T] tokens that follow `start` cached positions: the same arithmetic as
-// soprano/lm/qwen3.py, with the weights as bf16 panels. T is 1 in decode steps.
+// Qwen3's forward over a ragged batch: any number of tokens from any number of sequences, each
+// sequence with a KV cache of its own. The same arithmetic as soprano/lm/qwen3.py, with the
+// weights as bf16 panels. A decode step brings one token per sequence; a new sequence brings its
+// prompt, in the same call. Every product is computed row by row in the same order whatever else
+// the call holds, so a sequence's results do not depend on the batch it shares (continuous
+// batching stays exact).
 class Qwen3Forward {
  public:
   Qwen3Forward(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
@@ -357,38 +361,45 @@ class Qwen3Forward {
     }
   }
 
-  // tokens, positions: [B, T] int64. keys, values: [layers, rows, kv_heads, capacity, head_dim]
-  // float32, written at start … start + T − 1. visible: [rows, capacity] bool, already marking
-  // which of the new positions are real tokens (padding is never attended to). cos, signed_sin:
-  // the RoPE tables. Returns the post-norm hidden states [B, T, hidden], zero at padding.
-  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& keys,
-                     const at::Tensor& values, const at::Tensor& visible, const at::Tensor& cos,
-                     const at::Tensor& signed_sin, int64_t start) const {
-    TORCH_CHECK(tokens.dim() == 2 && positions.sizes() == tokens.sizes(), "[B, T] tokens");
-    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions");
-    TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && visible.is_contiguous(),
-                "contiguous cache");
-    TORCH_CHECK(visible.scalar_type() == at::kBool && keys.scalar_type() == at::kFloat, "cache");
-    TORCH_CHECK(keys.size(4) == head_dim_ && keys.size(0) == (int64_t)layers_.size(), "cache");
-    const int64_t batch = tokens.size(0);
-    const int64_t length = tokens.size(1);
-    const int64_t capacity = keys.size(3);
-    TORCH_CHECK(start + length <= capacity, "the cache is full");
+  // tokens, positions, owners: [N] int64. Token i sits at position positions[i] of sequence
+  // owners[i], whose cache is keys[owners[i]], values[owners[i]]: [layers, kv_heads, capacity,
+  // head_dim] float32. Its key and value are written there, and it attends to positions
+  // 0 … positions[i] of that cache (the caller appends each sequence's tokens, in order, right
+  // after the ones already cached). cos, signed_sin: the RoPE tables. Returns the post-norm
+  // hidden states [N, hidden].
+  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& positions,
+                     const at::Tensor& owners, const std::vector<at::Tensor>& keys,
+                     const std::vector<at::Tensor>& values, const at::Tensor& cos,
+                     const at::Tensor& signed_sin) const {
+    TORCH_CHECK(tokens.dim() == 1 && positions.sizes() == tokens.sizes() &&
+                    owners.sizes() == tokens.sizes(),
+                "[N] tokens, positions and owners");
+    TORCH_CHECK(positions.scalar_type() == at::kLong && owners.scalar_type() == at::kLong &&
+                    positions.is_contiguous() && owners.is_contiguous(),
+                "int64 positions and owners");
+    TORCH_CHECK(keys.size() == values.size(), "a key and a value cache per sequence");
+    for (size_t s = 0; s < keys.size(); ++s) {
+      TORCH_CHECK(keys[s].is_contiguous() && values[s].is_contiguous() &&
+                      keys[s].scalar_type() == at::kFloat && keys[s].sizes() == values[s].sizes(),
+                  "contiguous float32 caches");
+      TORCH_CHECK(keys[s].dim() == 4 && keys[s].size(0) == (int64_t)layers_.size() &&
+                      keys[s].size(1) == kv_heads_ && keys[s].size(3) == head_dim_,
+                  "caches are [layers, kv_heads, capacity, head_dim]");
+    }
+    const int64_t rows = tokens.size(0);
+    const int64_t* position_ = positions.data_ptr<int64_t>();
+    const int64_t* owner_ = owners.data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(owner_[r] >= 0 && owner_[r] < (int64_t)keys.size(), "owner out of range");
+      TORCH_CHECK(position_[r] >= 0 && position_[r] < keys[owner_[r]].size(2),
+                  "the sequence's cache is full");
+      TORCH_CHECK(position_[r] < cos.size(0), "position beyond the RoPE tables");
+    }
     const int64_t qkv_width = (heads_ + 2 * kv_heads_) * head_dim_;
     const int64_t attention_width = heads_ * head_dim_;
     const auto options = at::TensorOptions().dtype(at::kFloat);
-    const bool* visible_ = visible.data_ptr<bool>();
 
-    // Only real tokens are computed: row i stands for token live[i] of the flattened [B, T]
-    // (left padding, which nothing attends to, is skipped).
-    std::vector<int64_t> live;
-    for (int64_t token = 0; token < batch * length; ++token) {
-      if (visible_[token / length * capacity + start + token % length]) live.push_back(token);
-    }
-    const int64_t rows = static_cast<int64_t>(live.size());
-    const at::Tensor live_tokens = at::from_blob(live.data(), {rows}, at::kLong);
-
-    at::Tensor x = embed_.index_select(0, tokens.reshape({-1}).index_select(0, live_tokens));
+    at::Tensor x = embed_.index_select(0, tokens);
     at::Tensor normed = at::empty({rows, hidden_}, options);
     at::Tensor qkv = at::empty({rows, qkv_width}, options);
     at::Tensor attended = at::empty({rows, attention_width}, options);
@@ -400,48 +411,35 @@ class Qwen3Forward {
     float* attended_ = attended.data_ptr<float>();
     float* gate_up_ = gate_up.data_ptr<float>();
     float* activated_ = activated.data_ptr<float>();
-    const int64_t* token_positions = positions.data_ptr<int64_t>();
     const float* cos_ = cos.data_ptr<float>();
     const float* signed_sin_ = signed_sin.data_ptr<float>();
 
     const int64_t key_grain = rows_worth_a_thread(qkv_width);
     const int64_t activation_grain = rows_worth_a_thread(2 * intermediate_);
 
-    // Per batch row, the cache positions it may attend to, ascending.
-    std::vector<std::vector<int64_t>> seen(batch);
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t t = 0; t < start + length; ++t) {
-        if (visible_[b * capacity + t]) seen[b].push_back(t);
-      }
-    }
-
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& layer = layers_[l];
-      float* layer_keys = keys.data_ptr<float>() + l * keys.stride(0);
-      float* layer_values = values.data_ptr<float>() + l * values.stride(0);
+      // Token r's layer-l cache of kv head 0; heads lie `capacity` positions apart.
+      auto layer_cache = [&](const std::vector<at::Tensor>& caches, int64_t r) {
+        const at::Tensor& cache = caches[owner_[r]];
+        return cache.data_ptr<float>() + l * cache.stride(0);
+      };
       norm_rows(x_, layer.input_norm, rows, normed_);
       gemm(normed_, hidden_, rows, layer.qkv, qkv_, qkv_width, false);
       at::parallel_for(0, rows, key_grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = live[r] / length;
-          const int64_t at = start + live[r] % length;
-          const int64_t position = token_positions[live[r]];
+          const int64_t position = position_[r];
+          const int64_t capacity = keys[owner_[r]].size(2);
           store_keys(qkv_ + r * qkv_width, layer.qk_norm.data_ptr<float>(),
                      cos_ + position * head_dim_, signed_sin_ + position * head_dim_,
-                     layer_keys + b * keys.stride(1) + at * head_dim_,
-                     layer_values + b * values.stride(1) + at * head_dim_, capacity);
+                     layer_cache(keys, r) + position * head_dim_,
+                     layer_cache(values, r) + position * head_dim_, capacity);
         }
       });
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = live[r] / length;
-          const int64_t at = start + live[r] % length;
-          const auto& positions_seen = seen[b];
-          const auto count = std::upper_bound(positions_seen.begin(), positions_seen.end(), at) -
-                             positions_seen.begin();
-          attend(qkv_ + r * qkv_width, layer_keys + b * keys.stride(1),
-                 layer_values + b * values.stride(1), capacity, positions_seen.data(), count,
-                 attended_ + r * attention_width);
+          attend(qkv_ + r * qkv_width, layer_cache(keys, r), layer_cache(values, r),
+                 keys[owner_[r]].size(2), position_[r] + 1, attended_ + r * attention_width);
         }
       });
       gemm(attended_, attention_width, rows, layer.o, x_, hidden_, true);
@@ -456,9 +454,7 @@ class Qwen3Forward {
       gemm(activated_, intermediate_, rows, layer.down, x_, hidden_, true);
     }
     norm_rows(x_, norm_, rows, normed_);
-    at::Tensor hidden = at::zeros({batch * length, hidden_}, options);  // padding stays 0
-    hidden.index_copy_(0, live_tokens, normed);
-    return hidden.view({batch, length, hidden_});
+    return normed;
   }
 
  private:
@@ -496,10 +492,11 @@ class Qwen3Forward {
     }
   }
 
-  // A token's attention over `count` cache positions. `keys`, `values`: its batch row's cache,
-  // [kv_heads][capacity][head_dim]; each kv head serves heads / kv_heads query heads.
+  // A token's attention over the first `count` positions of its sequence's cache. `keys`,
+  // `values`: that cache, [kv_heads][capacity][head_dim]; each kv head serves heads / kv_heads
+  // query heads.
   void attend(const float* qkv, const float* keys, const float* values, int64_t capacity,
-              const int64_t* positions, int64_t count, float* out) const {
+              int64_t count, float* out) const {
     const int64_t groups = heads_ / kv_heads_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
     std::vector<float> weights(groups * count);
@@ -508,7 +505,7 @@ class Qwen3Forward {
       const float* head_values = values + g * capacity * head_dim_;
       const float* query = qkv + g * groups * head_dim_;
       for (int64_t i = 0; i < count; ++i) {
-        const float* key = head_keys + positions[i] * head_dim_;
+        const float* key = head_keys + i * head_dim_;
         for (int64_t q = 0; q < groups; ++q) {
           Vec acc{};
           for (int64_t d = 0; d < head_dim_; d += kLanes) {
@@ -523,7 +520,7 @@ class Qwen3Forward {
       float* group_out = out + g * groups * head_dim_;
       std::fill(group_out, group_out + groups * head_dim_, 0.0f);
       for (int64_t i = 0; i < count; ++i) {
-        const float* value = head_values + positions[i] * head_dim_;
+        const float* value = head_values + i * head_dim_;
         for (int64_t q = 0; q < groups; ++q) {
           const Vec weight = splat(weights[q * count + i]);
           float* head_out = group_out + q * head_dim_;

@@ -1,0 +1,256 @@
+"""Continuous batching: many requests' sentences share every step of the LM and the decoder.
+
+Each `step` picks up to `max_batch_size` sentences, advances each by one token in one forward of
+the LM (a sentence that starts brings its prompt into that same forward), and decodes, in one
+pass of the decoder, the streamed chunks that those tokens completed. Sentences join and leave
+between any two steps; a sentence that is not picked keeps its KV cache and waits.
+
+Who gets a row (fairness): a request's sentences are spoken in order, so the sentence each
+request is speaking now comes first, then the next sentence of each, and so on; between
+requests at the same depth, the one served least so far goes first (a deficit round robin), so a
+long text cannot starve a short one, and more requests than rows take turns. A request whose
+consumer has not taken `max_buffered_samples` of its audio gets no rows until it does
+(backpressure: a client that stops reading stops its generation).
+
+Exactness: the rows of a step are computed independently of each other (soprano/lm/csrc, and
+`decode_streams`), and each sentence's chunks follow its own `ChunkSchedule`, never the load.
+So under greedy decoding a sentence's audio is the same bits whatever shares its steps.
+
+Not thread-safe: `SpeechService` drives it from its engine thread; `SopranoTTS.infer_stream`
+drives one inline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from soprano.decoder import ChunkSchedule, SopranoDecoder, StreamingDecoder, decode_streams
+from soprano.hallucination import looks_hallucinated, warn_cut
+from soprano.lm import LanguageModel, SamplingParams, SequenceBatch, Step
+
+_LOGGER = logging.getLogger(__name__)
+
+JobEnd = None
+"""Delivered after a job's last chunk."""
+
+Delivery = Callable[[torch.Tensor | BaseException | None], None]
+"""Receives a job's audio chunks in order, then None, or the exception that ended it."""
+
+
+@dataclass
+class _Sentence:
+    text: str
+    prompt: list[int]
+    params: SamplingParams
+    decoder: StreamingDecoder | None = None
+    key: int | None = None
+    """Its sequence in the LM batch once started."""
+    held: list[torch.Tensor] = field(default_factory=list)
+    """Audio not yet delivered: a later sentence waits for the ones before it."""
+    frames: list[torch.Tensor] = field(default_factory=list)
+    """Hidden states, kept only where retries must inspect the sentence."""
+    attempts: int = 0
+    done: bool = False
+
+
+class Job:
+    """One request: sentences spoken in order as one stream of audio chunks."""
+
+    def __init__(
+        self,
+        number: int,
+        sentences: list[_Sentence],
+        schedule: ChunkSchedule,
+        retries: int,
+        deliver: Delivery,
+    ) -> None:
+        self.number = number
+        self.sentences = sentences
+        self.schedule = schedule
+        self.retries = retries
+        self._deliver = deliver
+        self.served_tokens = 0
+        self.produced_samples = 0
+        self.consumed_samples = 0
+        """Written by the consumer's thread only (see `SpeechService`)."""
+        self.cancelled = False
+        self.finished = False
+
+    @property
+    def buffered_samples(self) -> int:
+        return self.produced_samples - self.consumed_samples
+
+    def _send(self, item: torch.Tensor | BaseException | None) -> None:
+        if isinstance(item, torch.Tensor):
+            self.produced_samples += len(item)
+        self._deliver(item)
+
+
+class Scheduler:
+    """Owns the LM batch and every job's decoding state; see the module docstring."""
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        decoder: SopranoDecoder,
+        max_batch_size: int,
+        max_buffered_samples: int | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.lm = lm
+        self.decoder = decoder
+        self.max_batch_size = max_batch_size
+        self.max_buffered_samples = max_buffered_samples
+        self.jobs: list[Job] = []
+        self._batch: SequenceBatch = lm.open_batch()
+        self._numbers = itertools.count()
+
+    def submit(
+        self,
+        sentences: Sequence[tuple[str, list[int]]],
+        params: SamplingParams,
+        schedule: ChunkSchedule,
+        deliver: Delivery,
+        retries: int = 0,
+    ) -> Job:
+        """Queue a request of (sentence, prompt) pairs; its audio goes to `deliver`.
+
+        With `retries`, each sentence's audio is held until the sentence is done, and one that
+        looks hallucinated is generated again (with the next seed) up to that many times.
+        """
+        job = Job(
+            next(self._numbers),
+            [_Sentence(text, prompt, params) for text, prompt in sentences],
+            schedule,
+            retries,
+            deliver,
+        )
+        self.jobs.append(job)
+        self._release(job)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job at once (engine thread): its rows leave the batch, its consumer gets the
+        end of its stream."""
+        job.cancelled = True
+        self._drop(job, JobEnd)
+
+    @property
+    def runnable(self) -> bool:
+        """Whether `step` has work: some job may take a row."""
+        return any(self._may_run(job) for job in self.jobs)
+
+    def step(self) -> None:
+        """Advance the chosen sentences by one token and deliver the audio they completed."""
+        for job in [job for job in self.jobs if job.cancelled]:
+            self.cancel(job)
+        chosen = self._choose()
+        if not chosen:
+            return
+        for job, sentence in chosen:
+            if sentence.key is None:
+                sentence.key = self._batch.add(sentence.prompt, sentence.params)
+                sentence.decoder = StreamingDecoder(
+                    self.decoder, job.schedule.first, job.schedule.largest
+                )
+        keys = [sentence.key for _, sentence in chosen if sentence.key is not None]
+        try:
+            steps = self._batch.step(keys)
+            self._decode(chosen, steps)
+        except Exception as error:  # the failure ends the requests it touched, not the server
+            _LOGGER.exception("Generation failed for %d request(s)", len({j for j, _ in chosen}))
+            for job in {job for job, _ in chosen}:
+                self._drop(job, error)
+            return
+        for job in {job for job, _ in chosen}:
+            self._release(job)
+
+    def _may_run(self, job: Job) -> bool:
+        if job.cancelled or job.finished:
+            return False
+        limit = self.max_buffered_samples
+        return limit is None or job.buffered_samples < limit
+
+    def _choose(self) -> list[tuple[Job, _Sentence]]:
+        """The rows of this step: by depth in their request, then least served first."""
+        candidates = []
+        for job in self.jobs:
+            if not self._may_run(job):
+                continue
+            waiting = (s for s in job.sentences if not s.done)
+            for depth, sentence in enumerate(waiting):
+                candidates.append((depth, job.served_tokens, job.number, job, sentence))
+        candidates.sort(key=lambda c: c[:3])
+        chosen = [(job, sentence) for *_, job, sentence in candidates[: self.max_batch_size]]
+        for job, _ in chosen:
+            job.served_tokens += 1
+        return chosen
+
+    def _decode(self, chosen: list[tuple[Job, _Sentence]], steps: list[Step]) -> None:
+        """Feed each token's hidden state to its sentence's decoder; decode the due chunks of all
+        sentences together."""
+        streams, flushes, owners = [], [], []
+        for (job, sentence), step in zip(chosen, steps, strict=True):
+            decoder = sentence.decoder
+            assert decoder is not None
+            if step.is_audio:
+                decoder.add(step.hidden)
+                if job.retries:
+                    sentence.frames.append(step.hidden)
+            if step.last or decoder.due:
+                streams.append(decoder)
+                flushes.append(step.last)
+                owners.append((job, sentence, step))
+        for (job, sentence, step), chunk in zip(
+            owners, decode_streams(streams, flushes), strict=True
+        ):
+            if len(chunk):
+                sentence.held.append(chunk)
+            if step.last:
+                self._end_sentence(job, sentence, step)
+
+    def _end_sentence(self, job: Job, sentence: _Sentence, step: Step) -> None:
+        sentence.key = None
+        if step.is_audio:
+            warn_cut(sentence.text, sentence.params.max_new_tokens)
+        retry = sentence.attempts < job.retries and sentence.frames
+        if retry and looks_hallucinated(torch.stack(sentence.frames)):
+            sentence.attempts += 1
+            _LOGGER.info("Regenerating a hallucinated sentence, try %d", sentence.attempts)
+            seed = sentence.params.seed
+            if seed is not None:
+                sentence.params = replace(sentence.params, seed=seed + 1)
+            sentence.held.clear()
+            sentence.frames.clear()
+            return
+        sentence.frames.clear()
+        sentence.done = True
+
+    def _release(self, job: Job) -> None:
+        """Deliver the audio of the job's sentences in order; end the job after the last."""
+        for sentence in job.sentences:
+            if job.retries and not sentence.done:
+                return
+            for chunk in sentence.held:
+                job._send(chunk)
+            sentence.held.clear()
+            if not sentence.done:
+                return
+        self._drop(job, JobEnd)
+
+    def _drop(self, job: Job, end: BaseException | None) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        for sentence in job.sentences:
+            if sentence.key is not None:
+                self._batch.remove(sentence.key)
+                sentence.key = None
+        self.jobs.remove(job)
+        job._send(end)

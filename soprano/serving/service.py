@@ -1,0 +1,287 @@
+"""The one serving layer that every frontend uses: an engine thread, continuous batching, limits.
+
+Frontends (Wyoming, HTTP, web UI) keep protocol and encoding only. They `submit` a request's
+sentences and read its audio from the returned `SpeechStream`, blocking or with `async for`;
+the engine thread runs the `Scheduler`, so inference never runs on an event loop, and the
+kernels release the GIL while they compute. Taking a chunk from the stream is what lets its
+generation go on (backpressure), `cancel` (or leaving an `async for` early) frees its rows at
+the next step, and a failure ends only the requests whose step failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from soprano.constants import SAMPLE_RATE
+from soprano.decoder import ChunkSchedule
+from soprano.errors import SopranoError
+from soprano.lm import SamplingParams
+from soprano.serving.scheduler import Job, Scheduler
+
+if TYPE_CHECKING:
+    from soprano.tts import SopranoTTS
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MAX_CHUNK_TOKENS = 8
+"""Streamed chunks grow to half a second of audio (ChunkSchedule); a stream then costs about
+what offline decoding costs, while the first chunk still leaves after 5 tokens."""
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one server will take on; every frontend shares these (and their flags)."""
+
+    max_batch_size: int = 16
+    """Sentences advanced together in one step (more wait for a row, in fair turns)."""
+    max_requests: int = 64
+    """Requests running or waiting; more are refused with ServerBusyError."""
+    max_buffered_seconds: float = 30.0
+    """Audio a request may have ready but not yet taken before its generation pauses."""
+    max_new_tokens: int = 1024
+    """Largest `max_new_tokens` a request may ask for (it sizes the KV cache: 17 KB a token)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_requests", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.max_buffered_seconds > 0:
+            raise ValueError(f"max_buffered_seconds must be > 0, got {self.max_buffered_seconds}")
+
+
+class ServerBusyError(SopranoError):
+    """The server holds `max_requests` requests already; try again later."""
+
+
+class SynthesisError(SopranoError):
+    """Generation failed for this request; the message and `code` are the engine's."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error) or type(error).__name__)
+        self.code = type(error).__name__
+
+
+class SpeechStream:
+    """The audio of one request: float32 chunks at 32 kHz, in order, read once.
+
+    Iterate it (blocking) or `async for` it; either ends when the audio does and raises
+    SynthesisError if generation failed. Stopping early (break, an exception, `cancel`) stops
+    the generation.
+    """
+
+    def __init__(self, service: SpeechService) -> None:
+        self._service = service
+        self.job: Job | None = None
+        self._items: deque[torch.Tensor | BaseException | None] = deque()
+        self._lock = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Event | None = None
+        self._ended = False
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop generating; safe from any thread, and after the end."""
+        if not self.cancelled and not self._ended:
+            self.cancelled = True
+            self._service._notify()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        try:
+            while True:
+                with self._lock:
+                    while not self._items:
+                        self._lock.wait()
+                    item = self._items.popleft()
+                if (chunk := self._taken(item)) is None:
+                    return
+                yield chunk
+        finally:
+            self.cancel()
+
+    async def chunks(self) -> AsyncIterator[torch.Tensor]:
+        """The chunks without blocking the event loop."""
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._ready = asyncio.Event()
+        try:
+            while True:
+                with self._lock:
+                    if not self._items:
+                        self._ready.clear()
+                        waiting = True
+                    else:
+                        item = self._items.popleft()
+                        waiting = False
+                if waiting:
+                    await self._ready.wait()
+                    continue
+                if (chunk := self._taken(item)) is None:
+                    return
+                yield chunk
+        finally:
+            self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[torch.Tensor]:
+        return self.chunks()
+
+    def _taken(self, item: torch.Tensor | BaseException | None) -> torch.Tensor | None:
+        """Account for a consumed item; None at the end."""
+        if item is None:
+            self._ended = True
+            return None
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise SynthesisError(item)
+        job = self.job
+        if job is not None:
+            job.consumed_samples += len(item)
+            self._service._consumed(job, len(item))
+        return item
+
+    def _deliver(self, item: torch.Tensor | BaseException | None) -> None:
+        """Engine thread: hand over an item."""
+        with self._lock:
+            self._items.append(item)
+            self._lock.notify()
+            loop, ready = self._loop, self._ready
+        if loop is not None and ready is not None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the consumer's loop is gone: nobody will read this
+                self.cancel()
+
+
+class SpeechService:
+    """Owns the engine's thread and its Scheduler; `submit` from any thread or event loop."""
+
+    def __init__(self, tts: SopranoTTS, limits: ServingLimits | None = None) -> None:
+        self.tts = tts
+        self.limits = limits or ServingLimits()
+        self._scheduler = Scheduler(
+            tts.lm,
+            tts.decoder,
+            self.limits.max_batch_size,
+            max_buffered_samples=int(self.limits.max_buffered_seconds * SAMPLE_RATE),
+        )
+        self._inbox: list[tuple[SpeechStream, list[tuple[str, list[int]]], dict[str, Any]]] = []
+        self._streams: set[SpeechStream] = set()
+        """Engine thread only: the streams of the jobs in the scheduler."""
+        self._wake = threading.Condition()
+        self._closed = False
+        self._requests = 0
+        self._thread = threading.Thread(target=self._run, name="soprano-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def requests_in_progress(self) -> int:
+        """Requests running or waiting."""
+        with self._wake:
+            return self._requests
+
+    def submit(
+        self,
+        sentences: Sequence[str],
+        sampling: SamplingParams | None = None,
+        chunk_size: int = 1,
+        max_chunk_size: int | None = DEFAULT_MAX_CHUNK_TOKENS,
+        retries: int = 0,
+    ) -> SpeechStream:
+        """Queue the sentences (from `soprano.text.prepare_text`) as one request.
+
+        The first chunk holds `chunk_size` tokens, later ones grow to `max_chunk_size` (None:
+        all `chunk_size`). Raises ValueError for parameters beyond the limits and
+        ServerBusyError when the server is full.
+        """
+        sampling = sampling or SamplingParams()
+        if sampling.max_new_tokens > self.limits.max_new_tokens:
+            raise ValueError(
+                f"max_new_tokens must be at most {self.limits.max_new_tokens} on this server, "
+                f"got {sampling.max_new_tokens}"
+            )
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            raise ValueError(f"retries must be an integer from 0 to 10, got {retries!r}")
+        largest = max(chunk_size, max_chunk_size) if max_chunk_size is not None else None
+        schedule = ChunkSchedule(chunk_size, largest)
+        prompts = [(text, self.tts.tokenizer.encode(text)) for text in sentences]
+        stream = SpeechStream(self)
+        options = {"params": sampling, "schedule": schedule, "retries": retries}
+        with self._wake:
+            if self._closed:
+                raise ServerBusyError("the server is shutting down")
+            if self._requests >= self.limits.max_requests:
+                raise ServerBusyError(
+                    f"the server is busy with {self._requests} requests; try again shortly"
+                )
+            self._requests += 1
+            self._inbox.append((stream, prompts, options))
+            self._wake.notify()
+        return stream
+
+    def close(self) -> None:
+        """Stop the engine thread; unfinished requests end (their streams just stop)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _consumed(self, job: Job, samples: int) -> None:
+        """Wake the engine if taking `samples` let a paused job run again."""
+        limit = self._scheduler.max_buffered_samples
+        if limit is not None and job.buffered_samples < limit <= job.buffered_samples + samples:
+            self._notify()
+
+    def _run(self) -> None:
+        scheduler = self._scheduler
+        while True:
+            with self._wake:
+                while not self._closed and not self._inbox and not self._has_work():
+                    self._wake.wait()
+                if self._closed:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for stream, prompts, options in inbox:
+                self._start(stream, prompts, options)
+            for stream in list(self._streams):
+                if stream.cancelled and stream.job is not None and not stream.job.finished:
+                    scheduler.cancel(stream.job)
+            if scheduler.runnable:
+                scheduler.step()
+        for stream in list(self._streams):
+            if stream.job is not None and not stream.job.finished:
+                scheduler.cancel(stream.job)
+
+    def _has_work(self) -> bool:
+        """(lock held) Something for the engine thread: a step to run or a cancellation."""
+        return self._scheduler.runnable or any(
+            stream.cancelled and stream.job is not None and not stream.job.finished
+            for stream in self._streams
+        )
+
+    def _start(
+        self, stream: SpeechStream, prompts: list[tuple[str, list[int]]], options: dict[str, Any]
+    ) -> None:
+        def deliver(item: torch.Tensor | BaseException | None) -> None:
+            if item is None or isinstance(item, BaseException):
+                self._finished(stream)
+            stream._deliver(item)
+
+        self._streams.add(stream)
+        stream.job = self._scheduler.submit(prompts, deliver=deliver, **options)
+
+    def _finished(self, stream: SpeechStream) -> None:
+        self._streams.discard(stream)
+        with self._wake:
+            self._requests -= 1
