@@ -27,8 +27,10 @@ from soprano.frontend import (
     add_sampling_arguments,
     configure_logging,
     load_tts,
-    sampling_kwargs,
+    sampling_params,
 )
+from soprano.lm import SamplingParams
+from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
 from soprano.text import prepare_text
 from soprano.tts import SopranoTTS
 
@@ -103,12 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sampling = sampling_params(parser, args)
     configure_logging(
         logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
     )
     try:
-        return _run(args)
+        return _run(args, sampling)
     except (CliError, SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, sampling: SamplingParams) -> int:
     text = _read_text(args)
     sentences = prepare_text(text)
     if not sentences:
@@ -139,13 +143,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.stream or player is not None:
             sink = _write_stdout if args.stream else player.write
-            for chunk in _stream(tts, sentences, args, progress):
+            for chunk in _stream(tts, sentences, args.chunk_size, sampling, progress):
                 if not sink(chunk):
                     break
                 if output is not None:
                     pieces.append(chunk)
         else:
-            pieces = list(_generate(tts, sentences, args, progress))
+            pieces = list(_generate(tts, sentences, args.retries, sampling, progress))
     finally:
         progress.close()
         if player is not None:
@@ -173,21 +177,34 @@ def _batches(sentences: list[str]) -> Iterator[list[str]]:
 
 
 def _generate(
-    tts: SopranoTTS, sentences: list[str], args: argparse.Namespace, progress: Progress
+    tts: SopranoTTS,
+    sentences: list[str],
+    retries: int,
+    sampling: SamplingParams,
+    progress: Progress,
 ) -> Iterator[torch.Tensor]:
     for batch in _batches(sentences):
-        for audio in tts.infer_batch(batch, retries=args.retries, **sampling_kwargs(args)):
+        for audio in tts.infer_batch(batch, retries=retries, sampling=sampling):
             progress.add_audio(len(audio))
             yield audio
         progress.add_sentences(len(batch))
 
 
 def _stream(
-    tts: SopranoTTS, sentences: list[str], args: argparse.Namespace, progress: Progress
+    tts: SopranoTTS,
+    sentences: list[str],
+    chunk_size: int,
+    sampling: SamplingParams,
+    progress: Progress,
 ) -> Iterator[torch.Tensor]:
     """Chunks as they are generated; a batch's sentences are generated together (no gaps)."""
     for batch in _batches(sentences):
-        chunks = tts.infer_stream(" ".join(batch), args.chunk_size, **sampling_kwargs(args))
+        chunks = tts.infer_stream(
+            " ".join(batch),
+            chunk_size,
+            max_chunk_size=max(chunk_size, DEFAULT_MAX_CHUNK_TOKENS),
+            sampling=sampling,
+        )
         try:
             for chunk in chunks:
                 progress.add_audio(len(chunk))

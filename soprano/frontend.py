@@ -13,12 +13,10 @@ from soprano.constants import (
     DEFAULT_TOP_P,
     MAX_NEW_TOKENS,
 )
-from soprano.lm import BACKENDS
+from soprano.lm import BACKENDS, SamplingParams
 from soprano.lm.native import DTYPES
+from soprano.serving import ServingLimits
 from soprano.tts import SopranoTTS
-
-SAMPLING_OPTIONS = ("temperature", "top_p", "repetition_penalty", "seed", "max_new_tokens")
-"""The keyword arguments of SopranoTTS.infer/infer_stream that the sampling options fill."""
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,8 +71,11 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, title: str = "sampling"
+) -> argparse._ArgumentGroup:
+    """The sampling options, the same on every command; read them with `sampling_params`."""
+    group = parser.add_argument_group(title)
     group.add_argument(
         "--temperature",
         type=float,
@@ -98,10 +99,68 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"longest audio per sentence, in 64 ms tokens (default: {MAX_NEW_TOKENS})",
     )
+    return group
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in SAMPLING_OPTIONS}
+def sampling_params(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SamplingParams:
+    """The sampling options as SamplingParams; a bad value is a usage error (exit code 2)."""
+    try:
+        return SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serving limits (ServingLimits), the same on every server."""
+    defaults = ServingLimits()
+    group = parser.add_argument_group("serving limits")
+    group.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=defaults.max_batch_size,
+        metavar="N",
+        help=f"sentences generated together; more take turns (default: {defaults.max_batch_size})",
+    )
+    group.add_argument(
+        "--max-requests",
+        type=int,
+        default=defaults.max_requests,
+        metavar="N",
+        help=f"requests running or waiting; more are refused (default: {defaults.max_requests})",
+    )
+    group.add_argument(
+        "--max-buffered-seconds",
+        type=float,
+        default=defaults.max_buffered_seconds,
+        metavar="S",
+        help="audio a request may have ready but unread before its generation pauses "
+        f"(default: {defaults.max_buffered_seconds:g})",
+    )
+    group.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=defaults.max_new_tokens,
+        metavar="N",
+        help=f"largest max_new_tokens a request may ask for (default: {defaults.max_new_tokens})",
+    )
+
+
+def serving_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServingLimits:
+    try:
+        return ServingLimits(
+            max_batch_size=args.max_batch_size,
+            max_requests=args.max_requests,
+            max_buffered_seconds=args.max_buffered_seconds,
+            max_new_tokens=args.max_new_tokens_limit,
+        )
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def load_tts(args: argparse.Namespace) -> SopranoTTS:

@@ -40,6 +40,7 @@ from wyoming.tts import (
 from soprano import SopranoTTS
 from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH, TOKEN_SAMPLES
+from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
 from soprano.text import prepare_text
 from wyoming_soprano import __version__
 from wyoming_soprano.__main__ import main
@@ -195,15 +196,18 @@ def engine(tiny_checkpoint: Path) -> SopranoTTS:
 
 
 def reference_pcm(engine: SopranoTTS, text: str) -> bytes:
-    """What the server must send for `text`: the engine's audio of each sentence, in order.
+    """What the server must send for `text`: the engine's streamed audio of each sentence.
 
-    The server generates one sentence per engine call (see wyoming_soprano.synthesis), so this
-    is exact to the byte; its length equals `infer(text)`'s, which one test checks as well.
+    The server batches requests continuously, and a sentence's audio does not depend on what
+    shares its batch (soprano/serving), so this is exact to the byte whatever else the server
+    does; its length equals `infer(text)`'s, which one test checks as well.
     """
     return b"".join(
         to_pcm16(chunk)
         for sentence in prepare_text(text)
-        for chunk in engine.infer_stream(sentence, max_new_tokens=MAX_NEW_TOKENS)
+        for chunk in engine.infer_stream(
+            sentence, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, max_new_tokens=MAX_NEW_TOKENS
+        )
     )
 
 

@@ -14,21 +14,21 @@ from wyoming.event import async_get_stdin, async_get_stdout
 from wyoming.server import AsyncServer, AsyncStdioServer, AsyncTcpServer, HandlerFactory
 
 from soprano import SopranoTTS
-from soprano.constants import (
-    DEFAULT_MODEL,
-    DEFAULT_REPETITION_PENALTY,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
-    MAX_NEW_TOKENS,
-    TOKEN_SAMPLES,
-)
+from soprano.constants import DEFAULT_MODEL, TOKEN_SAMPLES
 from soprano.errors import SopranoError
-from soprano.frontend import add_backend_option_arguments, backend_options
+from soprano.frontend import (
+    add_backend_option_arguments,
+    add_sampling_arguments,
+    add_serving_arguments,
+    backend_options,
+    sampling_params,
+    serving_limits,
+)
 from soprano.lm import BACKENDS, SamplingParams
+from soprano.serving import SpeechService
 from wyoming_soprano import __version__
 from wyoming_soprano.handler import ServerContext, SopranoEventHandler
 from wyoming_soprano.info import PROGRAM_NAME, build_info, voice_name
-from wyoming_soprano.synthesis import Synthesizer
 from wyoming_soprano.zeroconf import AnnouncementError, ZeroconfAnnouncer, advertised_address
 
 _LOGGER = logging.getLogger("wyoming_soprano")
@@ -64,22 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", default="auto", choices=BACKENDS, help="language-model backend"
     )
     add_backend_option_arguments(parser)
-    sampling = parser.add_argument_group("sampling defaults for every request")
-    sampling.add_argument(
-        "--temperature",
-        type=float,
-        default=DEFAULT_TEMPERATURE,
-        help="0 is greedy decoding (default: %(default)s)",
-    )
-    sampling.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    sampling.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY)
-    sampling.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=MAX_NEW_TOKENS,
-        help="Token budget per sentence (default: %(default)s)",
-    )
-    sampling.add_argument("--seed", type=int, help="Makes sampling repeatable")
+    add_sampling_arguments(parser, "sampling for every request")
+    add_serving_arguments(parser)
     parser.add_argument(
         "--samples-per-chunk",
         type=int,
@@ -130,16 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples_per_chunk < 1:
         parser.error("--samples-per-chunk must be at least 1")
 
-    try:
-        sampling = SamplingParams(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
-    except ValueError as error:
-        parser.error(str(error))
+    sampling = sampling_params(parser, args)
+    limits = serving_limits(parser, args)
 
     try:
         tts = load_engine(args)
@@ -149,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     try:
-        return asyncio.run(serve(args, server, tts, sampling))
+        return asyncio.run(serve(args, server, SpeechService(tts, limits), sampling))
     except (AnnouncementError, OSError) as error:
         _LOGGER.error("Cannot serve: %s", error)
         return 1
@@ -183,15 +161,17 @@ def find_model(model: str, data_dirs: list[str]) -> str:
 
 
 async def serve(
-    args: argparse.Namespace, server: AsyncServer, tts: SopranoTTS, sampling: SamplingParams
+    args: argparse.Namespace,
+    server: AsyncServer,
+    service: SpeechService,
+    sampling: SamplingParams,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or, on stdio, until stdin closes)."""
-    synthesizer = Synthesizer(
-        tts, sampling, chunk_size=max(1, args.samples_per_chunk // TOKEN_SAMPLES)
-    )
     context = ServerContext(
         info_event=build_info(args.model, streaming=not args.no_streaming).event(),
-        synthesizer=synthesizer,
+        service=service,
+        sampling=sampling,
+        chunk_size=max(1, args.samples_per_chunk // TOKEN_SAMPLES),
         samples_per_chunk=args.samples_per_chunk,
         voice_name=voice_name(args.model),
     )
@@ -206,7 +186,7 @@ async def serve(
         else:
             await serve_sockets(args, server, handler_factory, stop)
     finally:
-        await asyncio.to_thread(synthesizer.close)
+        await asyncio.to_thread(service.close)
     _LOGGER.info("Stopped")
     return 0
 

@@ -27,17 +27,23 @@ from wyoming.tts import (
     SynthesizeStopped,
 )
 
+from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH
+from soprano.errors import SopranoError
+from soprano.lm import SamplingParams
+from soprano.serving import SpeechService, SpeechStream, SynthesisError
 from soprano.text import prepare_text
 from wyoming_soprano.framing import ProtocolError, read_event
 from wyoming_soprano.sentences import SentenceStream
-from wyoming_soprano.synthesis import AudioJob, SynthesisError, Synthesizer
 
 _LOGGER = logging.getLogger(__name__)
 
 CHANNELS = 1
 PLAIN_TEXT = "text"
 """The only `text_format` accepted (wyoming ≥ 1.10 clients may also send "ssml")."""
+MAX_QUEUED_REPLIES = 4
+"""Replies one connection may have waiting; past that its events are not read until one is
+sent (a client pipelining requests without reading cannot queue unbounded work)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,10 @@ class ServerContext:
     """What every connection shares."""
 
     info_event: Event
-    synthesizer: Synthesizer
+    service: SpeechService
+    sampling: SamplingParams
+    chunk_size: int
+    """Tokens in the first streamed chunk of a sentence (later ones grow)."""
     samples_per_chunk: int
     voice_name: str
 
@@ -63,7 +72,7 @@ class RequestError(Exception):
 class Speech:
     """A reply of one audio cycle: the audio of some sentences, in order."""
 
-    jobs: list[AudioJob]
+    stream: SpeechStream
     announce_empty: bool
     """Send audio-start/audio-stop even without audio: a `synthesize` always gets one cycle."""
 
@@ -79,11 +88,11 @@ class SopranoEventHandler(AsyncEventHandler):
     ) -> None:
         super().__init__(reader, writer)
         self.context = context
-        self._session = context.synthesizer.open_session()
         self._stream: SentenceStream | None = None
         self._replies: asyncio.Queue[Reply | None] = asyncio.Queue()
-        self._unfinished: set[AudioJob] = set()
-        """Jobs whose audio is not completely sent yet."""
+        self._room = asyncio.Semaphore(MAX_QUEUED_REPLIES)
+        self._unfinished: set[SpeechStream] = set()
+        """Requests whose audio is not completely sent yet."""
 
     async def run(self) -> None:
         """Read events until EOF; then finish the replies already asked for (unless gone)."""
@@ -101,7 +110,7 @@ class SopranoEventHandler(AsyncEventHandler):
                 await self._close(refusal)
         finally:
             speaker.cancel()
-            self._session.cancel()
+            self._cancel_all()
             await self.disconnect()
             self.writer.close()
 
@@ -133,7 +142,7 @@ class SopranoEventHandler(AsyncEventHandler):
             else:
                 self._check_options(event.data)
                 sentences = await asyncio.to_thread(prepare_text, _text(event.data))
-                self._speak(sentences, announce_empty=True)
+                await self._speak(sentences, announce_empty=True)
         elif SynthesizeStart.is_type(event.type):
             if self._stream is not None:
                 _LOGGER.debug("synthesize-start inside a stream ends the open stream first")
@@ -146,7 +155,7 @@ class SopranoEventHandler(AsyncEventHandler):
             else:
                 sentences = await asyncio.to_thread(self._stream.add, _text(event.data))
                 if sentences:
-                    self._speak(sentences, announce_empty=False)
+                    await self._speak(sentences, announce_empty=False)
         elif SynthesizeStop.is_type(event.type):
             await self._end_stream()
         else:
@@ -167,10 +176,20 @@ class SopranoEventHandler(AsyncEventHandler):
         if name is not None and name != self.context.voice_name:
             _LOGGER.debug("Unknown voice %r; using %s", name, self.context.voice_name)
 
-    def _speak(self, sentences: list[str], announce_empty: bool) -> None:
-        jobs = [self._session.submit(sentence) for sentence in sentences]
-        self._unfinished.update(jobs)
-        self._replies.put_nowait(Speech(jobs, announce_empty))
+    async def _speak(self, sentences: list[str], announce_empty: bool) -> None:
+        await self._room.acquire()
+        context = self.context
+        try:
+            stream = context.service.submit(sentences, context.sampling, context.chunk_size)
+        except (SopranoError, ValueError) as error:
+            self._room.release()
+            raise RequestError(str(error), type(error).__name__) from error
+        self._unfinished.add(stream)
+        self._replies.put_nowait(Speech(stream, announce_empty))
+
+    def _cancel_all(self) -> None:
+        for stream in self._unfinished:
+            stream.cancel()
 
     async def _end_stream(self) -> None:
         """Speak what is left of the open stream (if any), then `synthesize-stopped`."""
@@ -178,7 +197,7 @@ class SopranoEventHandler(AsyncEventHandler):
             rest = await asyncio.to_thread(self._stream.finish)
             self._stream = None
             if rest:
-                self._speak(rest, announce_empty=False)
+                await self._speak(rest, announce_empty=False)
         self._replies.put_nowait(SynthesizeStopped().event())
 
     async def _write_replies(self) -> None:
@@ -186,7 +205,10 @@ class SopranoEventHandler(AsyncEventHandler):
         try:
             while (reply := await self._replies.get()) is not None:
                 if isinstance(reply, Speech):
-                    await self._play(reply)
+                    try:
+                        await self._play(reply)
+                    finally:
+                        self._room.release()
                 else:
                     await self.write_event(reply)
         except SynthesisError as error:
@@ -204,16 +226,15 @@ class SopranoEventHandler(AsyncEventHandler):
             await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
             started = True
         pending = bytearray()
-        for job in speech.jobs:
-            async for pcm in job.pcm_chunks():
-                if not started:
-                    await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
-                    started = True
-                pending += pcm
-                while len(pending) >= chunk_bytes:
-                    await self._write_chunk(bytes(pending[:chunk_bytes]))
-                    del pending[:chunk_bytes]
-            self._unfinished.discard(job)
+        async for audio in speech.stream:
+            if not started:
+                await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
+                started = True
+            pending += to_pcm16(audio)
+            while len(pending) >= chunk_bytes:
+                await self._write_chunk(bytes(pending[:chunk_bytes]))
+                del pending[:chunk_bytes]
+        self._unfinished.discard(speech.stream)
         if pending:
             await self._write_chunk(bytes(pending))
         if started:
@@ -224,7 +245,7 @@ class SopranoEventHandler(AsyncEventHandler):
 
     async def _close(self, error: Error | None) -> None:
         """Stop this connection's synthesis, send `error` if any, and hang up."""
-        self._session.cancel()
+        self._cancel_all()
         if error is not None:
             try:
                 await self.write_event(error.event())

@@ -139,6 +139,8 @@ class Scheduler:
         """Stop a job at once (engine thread): its rows leave the batch, its consumer gets the
         end of its stream."""
         job.cancelled = True
+        if not job.finished:
+            _LOGGER.debug("Stopped synthesis of request %d", job.number)
         self._drop(job, JobEnd)
 
     @property
@@ -151,25 +153,45 @@ class Scheduler:
         for job in [job for job in self.jobs if job.cancelled]:
             self.cancel(job)
         chosen = self._choose()
-        if not chosen:
-            return
         for job, sentence in chosen:
-            if sentence.key is None:
-                sentence.key = self._batch.add(sentence.prompt, sentence.params)
+            if sentence.key is None and not job.finished:
+                try:
+                    sentence.key = self._batch.add(sentence.prompt, sentence.params)
+                except ValueError as error:
+                    self._drop(job, error)
+                    continue
                 sentence.decoder = StreamingDecoder(
                     self.decoder, job.schedule.first, job.schedule.largest
                 )
-        keys = [sentence.key for _, sentence in chosen if sentence.key is not None]
+        chosen = [(job, sentence) for job, sentence in chosen if not job.finished]
+        failed = self._advance(chosen)
+        if failed is not None:
+            # Something in the step failed: each request tries alone, so that only the one
+            # that fails again ends (rows are independent, so this changes no bits).
+            for job in dict.fromkeys(job for job, _ in chosen):
+                error = self._advance([row for row in chosen if row[0] is job])
+                if error is not None:
+                    _LOGGER.error("Generation failed for a request: %s", error)
+                    self._drop(job, error)
+        for job in dict.fromkeys(job for job, _ in chosen):
+            if not job.finished:
+                self._release(job)
+
+    def _advance(self, rows: list[tuple[Job, _Sentence]]) -> Exception | None:
+        """One LM step and decoder pass for `rows`; the exception if it failed."""
+        keys = [sentence.key for _, sentence in rows if sentence.key is not None]
         try:
             steps = self._batch.step(keys)
-            self._decode(chosen, steps)
-        except Exception as error:  # the failure ends the requests it touched, not the server
-            _LOGGER.exception("Generation failed for %d request(s)", len({j for j, _ in chosen}))
-            for job in {job for job, _ in chosen}:
+        except Exception as error:  # the step changed nothing: sequences advance after it
+            _LOGGER.debug("A step of %d rows failed", len(keys), exc_info=True)
+            return error
+        try:
+            self._decode(rows, steps)
+        except Exception as error:  # their decoders' state is lost: end those requests
+            _LOGGER.exception("Decoding failed")
+            for job in dict.fromkeys(job for job, _ in rows):
                 self._drop(job, error)
-            return
-        for job in {job for job, _ in chosen}:
-            self._release(job)
+        return None
 
     def _may_run(self, job: Job) -> bool:
         if job.cancelled or job.finished:

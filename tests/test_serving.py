@@ -1,0 +1,276 @@
+"""The serving layer: continuous batching that is exact, fair, bounded and isolated.
+
+Greedy decoding on a checkpoint that never says [STOP], so every sentence has a known length and
+equal inputs must give equal bits. The Scheduler is driven step by step here, so the tests decide
+exactly when requests join, leave and read; `SpeechService` runs it on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from soprano import SopranoTTS
+from soprano.audio import to_pcm16
+from soprano.decoder import ChunkSchedule
+from soprano.lm import SamplingParams, SequenceBatch, Step
+from soprano.serving import (
+    ServerBusyError,
+    ServingLimits,
+    SpeechService,
+    SynthesisError,
+)
+from soprano.serving.scheduler import Scheduler
+from soprano.text import prepare_text
+
+TOKENS = 24
+GREEDY = SamplingParams(max_new_tokens=TOKENS)
+SCHEDULE = ChunkSchedule(1, 8)
+SENTENCE = "The sentence whose audio must not depend on its neighbours."
+OTHERS = [f"Another request, number {n}, shares the batch for a while." for n in range(15)]
+
+
+@pytest.fixture(scope="module")
+def tts(endless_checkpoint: Path) -> SopranoTTS:
+    return SopranoTTS(device="cpu", model_path=endless_checkpoint)
+
+
+class Received:
+    """What a job delivered: its chunks, and how it ended."""
+
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.ended = False
+        self.error: BaseException | None = None
+
+    def __call__(self, item: torch.Tensor | BaseException | None) -> None:
+        if isinstance(item, torch.Tensor):
+            self.chunks.append(item)
+        elif item is None:
+            self.ended = True
+        else:
+            self.error = item
+
+    @property
+    def pcm(self) -> bytes:
+        return to_pcm16(torch.cat(self.chunks)) if self.chunks else b""
+
+
+def submit(scheduler: Scheduler, tts: SopranoTTS, text: str, **options: object) -> Received:
+    received = Received()
+    sentences = [(s, tts.tokenizer.encode(s)) for s in prepare_text(text)]
+    params = options.pop("params", GREEDY)
+    scheduler.submit(sentences, params, SCHEDULE, received, **options)  # type: ignore[arg-type]
+    return received
+
+
+def run(scheduler: Scheduler) -> None:
+    while scheduler.runnable:
+        scheduler.step()
+
+
+def solo(tts: SopranoTTS, text: str) -> bytes:
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16)
+    received = submit(scheduler, tts, text)
+    run(scheduler)
+    return received.pcm
+
+
+@pytest.mark.parametrize("neighbours", [1, 3, 15])
+def test_a_request_gets_the_same_bytes_whatever_shares_its_batch(
+    tts: SopranoTTS, neighbours: int
+) -> None:
+    alone = solo(tts, SENTENCE)
+    assert len(alone) == 2 * 2048 * (TOKENS - 1)
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16)
+    others = [submit(scheduler, tts, OTHERS[0])]
+    for _ in range(3):
+        scheduler.step()
+    watched = submit(scheduler, tts, SENTENCE)  # joins a running batch
+    for text in OTHERS[1:neighbours]:  # and others join at later steps
+        scheduler.step()
+        others.append(submit(scheduler, tts, text))
+    run(scheduler)
+    assert watched.ended and watched.pcm == alone
+    assert [o.pcm for o in others] == [solo(tts, t) for t in OTHERS[:neighbours]]
+
+
+def test_infer_stream_gives_what_the_server_gives(tts: SopranoTTS) -> None:
+    streamed = tts.infer_stream(SENTENCE, 1, max_chunk_size=8, sampling=GREEDY)
+    assert to_pcm16(torch.cat(list(streamed))) == solo(tts, SENTENCE)
+
+
+def test_a_request_joins_mid_run_and_is_heard_before_the_first_ends(tts: SopranoTTS) -> None:
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16)
+    first = submit(scheduler, tts, SENTENCE)
+    for _ in range(8):
+        scheduler.step()
+    late = submit(scheduler, tts, OTHERS[0])
+    while not late.chunks:
+        scheduler.step()
+    assert not first.ended
+    run(scheduler)
+    assert first.ended and late.ended
+
+
+def test_cancelling_a_request_mid_batch_frees_it_and_spares_the_others(tts: SopranoTTS) -> None:
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16)
+    doomed = submit(scheduler, tts, OTHERS[0])
+    kept = submit(scheduler, tts, SENTENCE)
+    for _ in range(10):
+        scheduler.step()
+    job = scheduler.jobs[0]
+    scheduler.cancel(job)
+    assert doomed.ended and job not in scheduler.jobs
+    made = len(doomed.chunks)
+    run(scheduler)
+    assert len(doomed.chunks) == made
+    assert kept.pcm == solo(tts, SENTENCE)
+
+
+def test_a_short_request_finishes_while_a_long_one_runs(tts: SopranoTTS) -> None:
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=2)
+    long_text = " ".join(OTHERS[:6])
+    long = submit(scheduler, tts, long_text)
+    for _ in range(5):
+        scheduler.step()
+    short = submit(scheduler, tts, SENTENCE)
+    while not short.ended:
+        scheduler.step()
+    assert not long.ended, "the long text did not hold the short one back"
+    run(scheduler)
+    assert long.ended and short.pcm == solo(tts, SENTENCE)
+
+
+def test_more_requests_than_rows_take_turns(tts: SopranoTTS) -> None:
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=2)
+    received = [submit(scheduler, tts, text) for text in OTHERS[:4]]
+    for _ in range(12):
+        scheduler.step()
+    assert all(r.chunks for r in received), "every request was served within a few steps"
+    run(scheduler)
+    assert [r.pcm for r in received] == [solo(tts, t) for t in OTHERS[:4]]
+
+
+def test_a_request_nobody_reads_pauses_while_others_go_on(tts: SopranoTTS) -> None:
+    limit = 3 * 2048
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16, max_buffered_samples=limit)
+    unread = submit(scheduler, tts, OTHERS[0])
+    read = submit(scheduler, tts, SENTENCE)
+    unread_job, read_job = scheduler.jobs
+    while not read.ended:
+        scheduler.step()
+        read_job.consumed_samples = read_job.produced_samples
+    paused_at = unread_job.produced_samples
+    assert limit <= paused_at < limit + 8 * 2048, "it stopped one chunk past its limit"
+    for _ in range(5):
+        scheduler.step()
+    assert unread_job.produced_samples == paused_at and not scheduler.runnable
+    unread_job.consumed_samples = unread_job.produced_samples
+    while scheduler.runnable:
+        scheduler.step()
+        unread_job.consumed_samples = unread_job.produced_samples
+    assert unread.pcm == solo(tts, OTHERS[0]), "reading again resumes the same audio"
+    assert read.pcm == solo(tts, SENTENCE)
+
+
+class PoisonedBatch(SequenceBatch):
+    """The real batch, failing every step that holds the poisoned prompt."""
+
+    def __init__(self, inner: SequenceBatch, poison: list[int]) -> None:
+        self.inner = inner
+        self.poison = poison
+        self.poisoned: set[int] = set()
+
+    def add(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        key = self.inner.add(prompt, params)
+        if list(prompt) == self.poison:
+            self.poisoned.add(key)
+        return key
+
+    def step(self, keys: Sequence[int]) -> list[Step]:
+        if self.poisoned & set(keys):
+            raise RuntimeError("the model fell over")
+        return self.inner.step(keys)
+
+    def remove(self, key: int) -> None:
+        self.inner.remove(key)
+
+
+def test_a_failure_ends_only_its_own_request(tts: SopranoTTS) -> None:
+    failing = "This sentence makes the engine fail, sadly."
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16)
+    (prompt,) = [tts.tokenizer.encode(s) for s in prepare_text(failing)]
+    scheduler._batch = PoisonedBatch(scheduler._batch, prompt)
+    healthy = submit(scheduler, tts, SENTENCE)
+    for _ in range(4):
+        scheduler.step()
+    broken = submit(scheduler, tts, failing)
+    run(scheduler)
+    assert isinstance(broken.error, RuntimeError) and not broken.chunks
+    assert healthy.ended and healthy.pcm == solo(tts, SENTENCE)
+
+
+def test_retries_hold_each_sentence_until_it_is_final(tts: SopranoTTS) -> None:
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16)
+    received = submit(scheduler, tts, SENTENCE, retries=2)
+    scheduler.step()
+    for _ in range(TOKENS - 2):
+        scheduler.step()
+        assert not received.chunks, "no audio before the sentence is known to be good"
+    run(scheduler)
+    assert received.pcm == solo(tts, SENTENCE)
+
+
+def test_the_service_streams_to_threads_and_event_loops(tts: SopranoTTS) -> None:
+    service = SpeechService(tts, ServingLimits(max_requests=3))
+    try:
+        blocking = service.submit(prepare_text(SENTENCE), GREEDY)
+        pcm = to_pcm16(torch.cat(list(blocking)))
+
+        async def read() -> bytes:
+            chunks = [chunk async for chunk in service.submit(prepare_text(SENTENCE), GREEDY)]
+            return to_pcm16(torch.cat(chunks))
+
+        assert asyncio.run(read()) == pcm == solo(tts, SENTENCE)
+        with pytest.raises(ValueError, match="max_new_tokens must be at most 1024"):
+            service.submit(["too long."], SamplingParams(max_new_tokens=5000))
+    finally:
+        service.close()
+
+
+def test_the_service_refuses_work_past_its_limit_and_frees_cancelled_requests(
+    tts: SopranoTTS,
+) -> None:
+    service = SpeechService(tts, ServingLimits(max_requests=2))
+    try:
+        streams = [service.submit(prepare_text(t), GREEDY) for t in OTHERS[:2]]
+        with pytest.raises(ServerBusyError, match="busy"):
+            service.submit(prepare_text(SENTENCE), GREEDY)
+        for stream in streams:
+            stream.cancel()
+        for stream in streams:  # a cancelled stream ends for its reader too
+            list(stream)
+        assert service.requests_in_progress == 0
+        assert to_pcm16(torch.cat(list(service.submit(prepare_text(SENTENCE), GREEDY)))) == solo(
+            tts, SENTENCE
+        )
+    finally:
+        service.close()
+
+
+def test_a_failed_request_raises_in_its_reader(tts: SopranoTTS) -> None:
+    service = SpeechService(tts)
+    failing = "This sentence makes the engine fail, sadly."
+    (prompt,) = [tts.tokenizer.encode(s) for s in prepare_text(failing)]
+    service._scheduler._batch = PoisonedBatch(service._scheduler._batch, prompt)
+    try:
+        with pytest.raises(SynthesisError, match="fell over") as failure:
+            list(service.submit(prepare_text(failing), GREEDY))
+        assert failure.value.code == "RuntimeError"
+    finally:
+        service.close()
