@@ -149,6 +149,13 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"largest max_new_tokens a request may ask for (default: {defaults.max_new_tokens})",
     )
+    group.add_argument(
+        "--max-input-chars",
+        type=int,
+        default=defaults.max_input_chars,
+        metavar="N",
+        help=f"longest text of one request (default: {defaults.max_input_chars}, as OpenAI)",
+    )
 
 
 def serving_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServingLimits:
@@ -158,6 +165,7 @@ def serving_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             max_requests=args.max_requests,
             max_buffered_seconds=args.max_buffered_seconds,
             max_new_tokens=args.max_new_tokens_limit,
+            max_input_chars=args.max_input_chars,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -2,8 +2,9 @@
 
 `POST /v1/audio/speech` takes OpenAI's request (plus Soprano's sampling fields) and streams the
 audio while it is generated: raw bytes of the asked-for format, or OpenAI's server-sent events
-with `stream_format: "sse"`. The engine is not thread-safe, so one worker thread runs every call
-into it, in arrival order, while the event loop keeps serving other requests.
+with `stream_format: "sse"`. Every request goes to the shared serving layer (soprano/serving),
+which batches all requests' sentences together on its engine thread, so the event loop only
+parses, encodes and sends.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ import json
 import logging
 import socket
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from soprano.constants import (
     DEFAULT_REPETITION_PENALTY,
@@ -36,28 +37,27 @@ from soprano.constants import (
     SAMPLE_RATE,
     TOKEN_SAMPLES,
 )
-from soprano.encoding import (
-    FORMATS,
-    AudioEncoder,
-    encode_audio,
-    require_encoder,
-    stream_encoder,
-)
+from soprano.encoding import FORMATS, encode_audio, require_encoder, stream_encoder
 from soprano.errors import SopranoError
-from soprano.frontend import add_model_arguments, configure_logging, load_tts
+from soprano.frontend import (
+    add_model_arguments,
+    add_serving_arguments,
+    configure_logging,
+    load_tts,
+    serving_limits,
+)
+from soprano.lm import SamplingParams
+from soprano.serving import ServerBusyError, SpeechService, SpeechStream, SynthesisError
 from soprano.text import prepare_text
 from soprano.tts import SopranoTTS
 
 PROG = "soprano-server"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-MAX_INPUT_CHARS = 4096
-"""OpenAI's own limit on `input`; `--max-input-chars` changes it."""
 UNSUPPORTED_FORMATS = ("aac",)
 """Formats OpenAI offers that no encoder here writes."""
 
 _LOGGER = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 
 class VoiceId(BaseModel):
@@ -92,17 +92,20 @@ class SpeechRequest(BaseModel):
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY
     seed: int | None = None
     max_new_tokens: int = Field(MAX_NEW_TOKENS, description="Longest audio per sentence, tokens.")
-    chunk_size: int = Field(1, description="Tokens per streamed chunk.")
+    chunk_size: int = Field(
+        1, description="Tokens in the first streamed chunk; later chunks grow to 8."
+    )
     retries: int = Field(0, description="Regenerations of hallucinated sentences (stream: false).")
 
-    def sampling(self) -> dict[str, Any]:
-        return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "repetition_penalty": self.repetition_penalty,
-            "seed": self.seed,
-            "max_new_tokens": self.max_new_tokens,
-        }
+    def sampling(self) -> SamplingParams:
+        """Raises ValueError for values out of range."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            max_new_tokens=self.max_new_tokens,
+        )
 
 
 class ApiError(Exception):
@@ -116,88 +119,73 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    """OpenAI's error shape. After a server error the connection is closed, so that a
+    keep-alive client starts the next request on a clean one."""
     kind = "server_error" if status >= 500 else "invalid_request_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
+    headers = {"Connection": "close"} if status >= 500 else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-class EngineWorker:
-    """Runs every engine call on one thread, in order, without blocking the event loop."""
+def max_body_bytes(max_input_chars: int) -> int:
+    """The largest request body worth reading: the longest input written as JSON escapes
+    (6 bytes a character) and room for the other fields."""
+    return 6 * max_input_chars + 16_384
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soprano-engine")
-        self._lock = threading.Lock()
-        self._jobs = 0
 
-    @property
-    def requests_in_progress(self) -> int:
-        """Requests the engine is working on or that wait for it."""
-        with self._lock:
-            return self._jobs
+class BodyLimit:
+    """Refuses a request body over `max_bytes` with 413 before it is read or parsed whole:
+    at once by its Content-Length, or as soon as a chunked body passes the limit."""
 
-    def _submit(self, job: Callable[[], _T]) -> asyncio.Future[_T]:
-        def run() -> _T:
-            try:
-                return job()
-            finally:
-                with self._lock:
-                    self._jobs -= 1
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
 
-        with self._lock:
-            self._jobs += 1
-        return asyncio.get_running_loop().run_in_executor(self._executor, run)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
 
-    async def call(self, function: Callable[[], _T]) -> _T:
-        return await self._submit(function)
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _BodyTooLarge
+            return message
 
-    async def iterate(self, make_iterator: Callable[[], Iterator[_T]]) -> AsyncIterator[_T]:
-        """The iterator's items as they are produced on the engine thread.
-
-        When the consumer stops early (a client hung up), the engine stops after its next item.
-        """
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
-        stop = threading.Event()
-
-        def deliver(done: bool, value: Any) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(items.put_nowait, (done, value))
-
-        def produce() -> None:
-            try:
-                iterator = make_iterator()
-                try:
-                    for item in iterator:
-                        deliver(False, item)
-                        if stop.is_set():
-                            break
-                finally:
-                    getattr(iterator, "close", lambda: None)()
-                deliver(True, None)
-            except Exception as error:
-                deliver(True, error)
-
-        self._submit(produce)
         try:
-            while True:
-                done, value = await items.get()
-                if done:
-                    if value is not None:
-                        raise value
-                    return
-                yield value
-        finally:
-            stop.set()
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413, f"the request body is larger than this server accepts ({self.max_bytes} bytes)"
+        )
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
 
 
-def create_app(tts: SopranoTTS, model_name: str, max_input_chars: int = MAX_INPUT_CHARS) -> FastAPI:
-    """The API around an already loaded engine."""
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(service: SpeechService, model_name: str) -> FastAPI:
+    """The API around an already loaded engine and its serving layer."""
     app = FastAPI(
         title="Soprano TTS",
         summary="OpenAI-compatible text-to-speech with streaming, on the Soprano model.",
         version="1",
     )
-    worker = EngineWorker()
+    tts = service.tts
+    limits = service.limits
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes(limits.max_input_chars))
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -235,7 +223,7 @@ def create_app(tts: SopranoTTS, model_name: str, max_input_chars: int = MAX_INPU
             "backend": tts.backend,
             "device": str(tts.device),
             "sample_rate": SAMPLE_RATE,
-            "requests_in_progress": worker.requests_in_progress,
+            "requests_in_progress": service.requests_in_progress,
         }
 
     def model_card() -> dict[str, Any]:
@@ -261,22 +249,41 @@ def create_app(tts: SopranoTTS, model_name: str, max_input_chars: int = MAX_INPU
         responses={200: {"content": audio_types, "description": "The audio, or SSE events"}},
     )
     async def create_speech(request: SpeechRequest) -> Response:
-        streamed = _check(request, max_input_chars)
+        streamed = _check(request, limits.max_input_chars)
         try:
             fmt = require_encoder(request.response_format)
         except SopranoError as error:
             raise ApiError(400, str(error), "response_format") from error
+        sentences = await asyncio.to_thread(prepare_text, request.input)
+        if not sentences:
+            raise ApiError(
+                400,
+                "input has nothing to speak: no words remain after normalisation "
+                "(Soprano reads English letters, numbers and common symbols)",
+                "input",
+            )
+        try:
+            stream = service.submit(
+                sentences,
+                request.sampling(),
+                request.chunk_size,
+                retries=request.retries,
+            )
+        except ServerBusyError as error:
+            raise ApiError(503, str(error)) from error
+        except ValueError as error:
+            raise ApiError(400, str(error)) from error
         headers = {"Content-Disposition": f'attachment; filename="speech.{fmt.name}"'}
         if not streamed:
-            data = await _engine_call(worker, lambda: _whole_file(tts, request))
+            audio = [chunk async for chunk in _read(stream)]
+            data = encode_audio(torch.cat(audio) if audio else torch.zeros(0), fmt.name)
             return Response(data, media_type=fmt.media_type, headers=headers)
         if request.stream_format == "sse":
-            events = worker.iterate(lambda: _sse_events(tts, request))
-            first = await _first(events)
-            return StreamingResponse(_resume(first, events), media_type="text/event-stream")
-        pieces = worker.iterate(lambda: _audio_stream(tts, request))
-        first = await _first(pieces)
-        return StreamingResponse(_resume(first, pieces), media_type=fmt.media_type, headers=headers)
+            usage = _usage(tts, sentences)
+            events = _sse_events(stream, fmt.name, usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        pieces = _audio_stream(stream, fmt.name)
+        return StreamingResponse(pieces, media_type=fmt.media_type, headers=headers)
 
     return app
 
@@ -322,69 +329,60 @@ def _check(request: SpeechRequest, max_input_chars: int) -> bool:
     return streamed
 
 
-async def _engine_call(worker: EngineWorker, function: Callable[[], _T]) -> _T:
+async def _read(stream: SpeechStream) -> AsyncIterator[torch.Tensor]:
+    """The request's audio; a generation failure becomes a 500 before any byte is sent."""
     try:
-        return await worker.call(function)
-    except ValueError as error:
-        raise ApiError(400, str(error)) from error
+        async for chunk in stream:
+            yield chunk
+    except SynthesisError as error:
+        raise ApiError(500, f"speech generation failed: {error}") from error
 
 
-async def _first(items: AsyncIterator[_T]) -> _T | None:
-    """The first item, so that errors found before any audio is sent get a proper status."""
+async def _encoded(stream: SpeechStream, format_name: str) -> AsyncIterator[bytes]:
+    """Encoded bytes as the engine produces audio (empty while the codec is still buffering).
+
+    The body is produced only as fast as the client reads it, so a client that stops reading
+    pauses its generation (the serving layer's backpressure), and one that hangs up ends it.
+    """
+    encoder = stream_encoder(format_name)
     try:
-        return await anext(items)
-    except StopAsyncIteration:
-        return None
-    except ValueError as error:
-        raise ApiError(400, str(error)) from error
-
-
-async def _resume(first: _T | None, rest: AsyncIterator[_T]) -> AsyncIterator[_T]:
-    try:
-        if first is not None:
-            yield first
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
-
-
-def _whole_file(tts: SopranoTTS, request: SpeechRequest) -> bytes:
-    audio = tts.infer(request.input, retries=request.retries, **request.sampling())
-    return encode_audio(audio, request.response_format)
-
-
-def _encoded(tts: SopranoTTS, request: SpeechRequest, encoder: AudioEncoder) -> Iterator[bytes]:
-    """Encoded bytes as the engine produces audio; empty while the codec is still buffering."""
-    chunks = tts.infer_stream(request.input, request.chunk_size, **request.sampling())
-    try:
-        for chunk in chunks:
+        async for chunk in stream:
             encoder.write(chunk)
             yield encoder.take()
+    except SynthesisError:
+        _LOGGER.exception("Generation failed while streaming; the response is cut short")
+        return
     finally:
-        chunks.close()
+        stream.cancel()
     yield encoder.finish()
 
 
-def _audio_stream(tts: SopranoTTS, request: SpeechRequest) -> Iterator[bytes]:
-    encoder = stream_encoder(request.response_format)
-    yield from (data for data in _encoded(tts, request, encoder) if data)
+async def _audio_stream(stream: SpeechStream, format_name: str) -> AsyncIterator[bytes]:
+    async for data in _encoded(stream, format_name):
+        if data:
+            yield data
 
 
-def _sse_events(tts: SopranoTTS, request: SpeechRequest) -> Iterator[bytes]:
+async def _sse_events(
+    stream: SpeechStream, format_name: str, usage: dict[str, int]
+) -> AsyncIterator[bytes]:
     """OpenAI's speech events: one speech.audio.delta per encoded piece, then speech.audio.done."""
-    encoder = stream_encoder(request.response_format)
-    for data in _encoded(tts, request, encoder):
+    samples = 0
+    async for data in _encoded(stream, format_name):
         if data:
             yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-    input_tokens = sum(len(tts.tokenizer.encode(s)) for s in prepare_text(request.input))
-    output_tokens = encoder.samples_written // TOKEN_SAMPLES
-    usage = {
-        "input_tokens": input_tokens,
+    if stream.job is not None:
+        samples = stream.job.produced_samples
+    output_tokens = samples // TOKEN_SAMPLES
+    usage = usage | {
         "output_tokens": output_tokens,
-        "total_tokens": input_tokens + output_tokens,
+        "total_tokens": usage["input_tokens"] + output_tokens,
     }
     yield _event({"type": "speech.audio.done", "usage": usage})
+
+
+def _usage(tts: SopranoTTS, sentences: list[str]) -> dict[str, int]:
+    return {"input_tokens": sum(len(tts.tokenizer.encode(s)) for s in sentences)}
 
 
 def _event(payload: dict[str, Any]) -> bytes:
@@ -405,24 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"0 picks a free one (default: {DEFAULT_PORT})",
     )
     parser.add_argument(
-        "--max-input-chars",
-        type=int,
-        default=MAX_INPUT_CHARS,
-        metavar="N",
-        help=f"longest accepted input (default: {MAX_INPUT_CHARS}, as OpenAI)",
-    )
-    parser.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
         help="server and engine messages (default: info)",
     )
     add_model_arguments(parser)
+    add_serving_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    limits = serving_limits(parser, args)
     configure_logging(getattr(logging, args.log_level.upper()))
     try:
         listener = _listen(args.host, args.port)
@@ -430,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    app = create_app(tts, args.model, args.max_input_chars)
+    app = create_app(SpeechService(tts, limits), args.model)
     host, port = listener.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
     print(f"{PROG}: serving {args.model} on http://{_url_host(host)}:{port}", file=sys.stderr)

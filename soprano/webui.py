@@ -1,6 +1,7 @@
 """`soprano-webui`: a Gradio page whose audio plays in the browser while it is being generated.
 
-Pressing Speak starts a job on the one engine thread; the page gets an `<audio>` element whose
+Pressing Speak starts a job on the shared serving layer (soprano/serving), which generates
+every browser's speech together; the page gets an `<audio>` element whose
 source is this server's `speech/<job>.mp3`, an MP3 stream that grows as the engine produces audio
 (the browser starts playing after the first few tokens). When the job ends, the page shows how
 much audio was made and how fast. No ffmpeg is needed: the MP3 is encoded with LAME in process.
@@ -17,8 +18,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -32,10 +31,15 @@ from soprano.errors import SopranoError
 from soprano.frontend import (
     add_model_arguments,
     add_sampling_arguments,
+    add_serving_arguments,
     configure_logging,
     load_tts,
+    sampling_params,
+    serving_limits,
 )
-from soprano.tts import SopranoTTS
+from soprano.lm import SamplingParams
+from soprano.serving import SpeechService
+from soprano.text import prepare_text
 
 PROG = "soprano-webui"
 DEFAULT_HOST = "127.0.0.1"
@@ -57,23 +61,14 @@ EXAMPLES = [
 ]
 
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float
-    top_p: float
-    repetition_penalty: float
-    seed: int | None
-    max_new_tokens: int
-    chunk_size: int
-
-
 class SpeechJob:
     """One generation: its MP3 bytes, readable from the start while they grow, and its figures."""
 
-    def __init__(self, text: str, sampling: Sampling) -> None:
+    def __init__(self, text: str, sampling: SamplingParams, chunk_size: int) -> None:
         self.id = uuid.uuid4().hex
         self.text = text
         self.sampling = sampling
+        self.chunk_size = chunk_size
         self.audio_seconds = 0.0
         self.generation_seconds = 0.0
         self.first_audio_seconds: float | None = None
@@ -86,11 +81,11 @@ class SpeechJob:
     def stop(self) -> None:
         self._stop.set()
 
-    def run(self, tts: SopranoTTS) -> None:
-        """Generate on the engine thread, appending MP3 as the audio comes."""
+    def run(self, service: SpeechService) -> None:
+        """Read the audio from the serving layer (on this job's thread), appending MP3."""
         try:
             if not self._stop.is_set():
-                self._generate(tts)
+                self._generate(service)
         except (SopranoError, ValueError) as error:
             self.error = str(error)
         except Exception as error:
@@ -101,20 +96,12 @@ class SpeechJob:
                 self._done = True
                 self._changed.notify_all()
 
-    def _generate(self, tts: SopranoTTS) -> None:
+    def _generate(self, service: SpeechService) -> None:
         encoder = stream_encoder(STREAM_FORMAT.name)
         started = time.perf_counter()
-        chunks = tts.infer_stream(
-            self.text,
-            self.sampling.chunk_size,
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
-            repetition_penalty=self.sampling.repetition_penalty,
-            seed=self.sampling.seed,
-            max_new_tokens=self.sampling.max_new_tokens,
-        )
+        stream = service.submit(prepare_text(self.text), self.sampling, self.chunk_size)
         try:
-            for chunk in chunks:
+            for chunk in stream:
                 if self.first_audio_seconds is None:
                     self.first_audio_seconds = time.perf_counter() - started
                 encoder.write(chunk)
@@ -123,7 +110,7 @@ class SpeechJob:
                     break
             self._append(encoder.finish())
         finally:
-            chunks.close()
+            stream.cancel()
             self.generation_seconds = time.perf_counter() - started
             self.audio_seconds = encoder.samples_written / SAMPLE_RATE
 
@@ -168,22 +155,22 @@ class SpeechJob:
         )
 
 
-class SpeechService:
-    """The engine, its one worker thread, and the recent jobs the browser may fetch."""
+class SpeechJobs:
+    """The recent jobs the browser may fetch; each reads its audio from the shared service, so
+    several browsers are served at once (continuous batching)."""
 
-    def __init__(self, tts: SopranoTTS) -> None:
-        self._tts = tts
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soprano-engine")
+    def __init__(self, service: SpeechService) -> None:
+        self.service = service
         self._jobs: OrderedDict[str, SpeechJob] = OrderedDict()
         self._lock = threading.Lock()
 
-    def start(self, text: str, sampling: Sampling) -> SpeechJob:
-        job = SpeechJob(text, sampling)
+    def start(self, text: str, sampling: SamplingParams, chunk_size: int) -> SpeechJob:
+        job = SpeechJob(text, sampling, chunk_size)
         with self._lock:
             self._jobs[job.id] = job
             while len(self._jobs) > JOBS_KEPT:
-                self._jobs.popitem(last=False)
-        self._executor.submit(job.run, self._tts)
+                self._jobs.popitem(last=False)[1].stop()
+        threading.Thread(target=job.run, args=(self.service,), daemon=True).start()
         return job
 
     def get(self, job_id: str) -> SpeechJob | None:
@@ -212,7 +199,7 @@ def player_html(job: SpeechJob) -> str:
     )
 
 
-def build_demo(service: SpeechService, defaults: argparse.Namespace) -> gr.Blocks:
+def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: int) -> gr.Blocks:
     """The page: text, sampling controls, examples, the streaming player and its figures."""
 
     def speak(
@@ -226,29 +213,36 @@ def build_demo(service: SpeechService, defaults: argparse.Namespace) -> gr.Block
     ) -> tuple[str, str, str]:
         if not text.strip():
             raise gr.Error("Type some text to speak first.")
-        previous = service.get(previous_id) if previous_id else None
+        if len(text) > max_input_chars:
+            raise gr.Error(
+                f"The text is {len(text)} characters; at most {max_input_chars} can be spoken "
+                "at once."
+            )
+        previous = jobs.get(previous_id) if previous_id else None
         if previous is not None:
             previous.stop()
-        sampling = Sampling(
-            temperature=float(temperature),
-            top_p=float(top_p),
-            repetition_penalty=float(repetition_penalty),
-            seed=None if seed is None else int(seed),
-            max_new_tokens=defaults.max_new_tokens,
-            chunk_size=int(chunk_size),
-        )
-        job = service.start(text, sampling)
+        try:
+            sampling = SamplingParams(
+                temperature=float(temperature),
+                top_p=float(top_p),
+                repetition_penalty=float(repetition_penalty),
+                seed=None if seed is None else int(seed),
+                max_new_tokens=defaults.max_new_tokens,
+            )
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        job = jobs.start(text, sampling, int(chunk_size))
         return player_html(job), job.id, "Generating…"
 
     def report(job_id: str) -> str:
-        job = service.get(job_id)
+        job = jobs.get(job_id)
         if job is None:
             return ""
         job.wait()
         return job.summary()
 
     def stop(job_id: str | None) -> None:
-        job = service.get(job_id) if job_id else None
+        job = jobs.get(job_id) if job_id else None
         if job is not None:
             job.stop()
 
@@ -306,11 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
+    add_serving_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sampling_params(parser, args)
+    limits = serving_limits(parser, args)
     configure_logging(logging.INFO)
     try:
         require_encoder(STREAM_FORMAT.name)
@@ -318,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    service = SpeechService(tts)
-    demo = build_demo(service, args)
-    app_kwargs: dict[str, Any] = {"routes": [service.stream_route()]}
+    jobs = SpeechJobs(SpeechService(tts, limits))
+    demo = build_demo(jobs, args, limits.max_input_chars)
+    app_kwargs: dict[str, Any] = {"routes": [jobs.stream_route()]}
     demo.queue().launch(
         server_name=args.host,
         server_port=args.port,

@@ -16,6 +16,7 @@ import torch
 from soprano import cli
 from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
+from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
 from soprano.tts import SopranoTTS
 
 SOPRANO = [str(Path(sys.executable).with_name("soprano"))]  # the installed console script
@@ -114,7 +115,9 @@ def test_stream_writes_the_engines_stream_from_stdin_as_raw_pcm(
     )
 
     assert result.returncode == 0, result.stderr.decode()
-    expected = torch.cat(list(tts.infer_stream(TEXT, **SAMPLING)))
+    expected = torch.cat(
+        list(tts.infer_stream(TEXT, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, **SAMPLING))
+    )
     assert len(result.stdout) == EXPECTED_SAMPLES * 2
     np.testing.assert_array_equal(np.frombuffer(result.stdout, "<i2"), pcm16(expected))
 
@@ -193,8 +196,6 @@ def test_no_text_on_a_terminal_says_where_text_comes_from(tmp_path: Path) -> Non
         (["--stream", "--retries", "1", "Hello."],
          "soprano: error: --retries works for file output only: streamed audio cannot be taken "
          "back"),
-        (["--temperature", "-1", "--model", "{checkpoint}", "Hello."],
-         "soprano: error: temperature must be a finite number >= 0, got -1.0"),
         (["--play", "--model", "{checkpoint}", "Hello."],
          "soprano: error: --play needs the sounddevice package and the PortAudio library "
          "(pip install 'wyoming-soprano[play]'; on Debian/Ubuntu also: apt install libportaudio2): "
@@ -217,3 +218,20 @@ def test_errors_are_one_line_with_exit_code_1(
     assert captured.out == ""
     assert captured.err == message + "\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--temperature", "-1", "temperature must be a finite number >= 0, got -1.0"),
+        ("--top-p", "0", "top_p must be in (0, 1], got 0.0"),
+        ("--seed", str(2**70), "seed must be an integer from 0 to"),
+    ],
+)
+def test_bad_sampling_values_are_usage_errors_with_exit_code_2(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([option, value, "Hello."])
+    assert exit_.value.code == 2
+    assert f"soprano: error: {message}" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from processes import serving_process
 from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 from soprano.encoding import OPUS_SAMPLE_RATE, encode_audio
+from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
 from soprano.tts import SopranoTTS
 
 SERVER = str(Path(sys.executable).with_name("soprano-server"))  # the installed console script
@@ -50,14 +51,16 @@ def tts(endless_checkpoint: Path) -> SopranoTTS:
 
 @pytest.fixture(scope="module")
 def streamed(tts: SopranoTTS) -> torch.Tensor:
-    """What a streamed response carries: the engine's stream."""
-    return torch.cat(list(tts.infer_stream(TEXT, **SAMPLING)))
+    """What a response carries, streamed or not: the engine's stream, with the serving
+    layer's growing chunks."""
+    chunks = tts.infer_stream(TEXT, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, **SAMPLING)
+    return torch.cat(list(chunks))
 
 
 @pytest.fixture(scope="module")
-def whole(tts: SopranoTTS) -> torch.Tensor:
-    """What a `stream: false` response carries: the engine's offline audio."""
-    return tts.infer(TEXT, **SAMPLING)
+def whole(streamed: torch.Tensor) -> torch.Tensor:
+    """What a `stream: false` response carries: the same audio, sent as one file."""
+    return streamed
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +194,7 @@ def test_streamed_flac_is_the_exact_file_with_its_length_left_unknown(
 def test_sse_sends_one_delta_per_generated_chunk_then_usage(
     server: str, tts: SopranoTTS, streamed: torch.Tensor
 ) -> None:
-    chunks = list(tts.infer_stream(TEXT, **SAMPLING))
+    chunks = list(tts.infer_stream(TEXT, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, **SAMPLING))
     body = {"input": TEXT, "response_format": "pcm", "stream_format": "sse", **SAMPLING}
 
     with httpx.stream("POST", f"{server}/v1/audio/speech", json=body, timeout=60) as response:

@@ -27,6 +27,9 @@ from soprano.constants import (
 
 FinishReason = Literal["stop", "length"]
 
+MAX_SEED = 2**63 - 16
+"""Seeds fit a signed 64-bit generator seed, with room for the retries' next seeds."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -52,9 +55,13 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < MAX_SEED
         ):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+            raise ValueError(
+                f"seed must be an integer from 0 to {MAX_SEED - 1} or None, got {self.seed!r}"
+            )
 
     @property
     def greedy(self) -> bool:

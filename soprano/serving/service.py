@@ -48,9 +48,11 @@ class ServingLimits:
     """Audio a request may have ready but not yet taken before its generation pauses."""
     max_new_tokens: int = 1024
     """Largest `max_new_tokens` a request may ask for (it sizes the KV cache: 17 KB a token)."""
+    max_input_chars: int = 4096
+    """Longest text one request may send (OpenAI's own limit)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_requests", "max_new_tokens"):
+        for name in ("max_batch_size", "max_requests", "max_new_tokens", "max_input_chars"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
