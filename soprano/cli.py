@@ -54,6 +54,7 @@ class CliError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog=PROG,
         description="Speak text with Soprano: into a file, as raw PCM on standard output "
         "(--stream), or through the sound card (--play).",

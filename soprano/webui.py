@@ -288,7 +288,9 @@ def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="A web page that speaks with Soprano, streaming to the browser."
+        allow_abbrev=False,
+        prog=PROG,
+        description="A web page that speaks with Soprano, streaming to the browser.",
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"(default: {DEFAULT_HOST})")
     parser.add_argument(

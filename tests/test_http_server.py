@@ -9,6 +9,7 @@ import sys
 import wave
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -317,7 +318,8 @@ def test_the_event_loop_serves_while_the_engine_is_busy_and_requests_queue(
             model="tts-1", voice="alloy", input=LONG_TEXT, response_format="pcm",
             extra_body=LONG_GENERATION,
         ) as long_response:  # fmt: skip
-            first_piece = next(long_response.iter_bytes())
+            pieces = long_response.iter_bytes()  # kept: dropping it would hang up
+            first_piece = next(pieces)
             queued = pool.submit(speak, client, "wav", stream=False)
             health = httpx.get(f"{server}/health", timeout=10).json()
         # Leaving the block hung up on the long stream: the engine drops it and moves on.
@@ -327,3 +329,82 @@ def test_the_event_loop_serves_while_the_engine_is_busy_and_requests_queue(
     assert health["requests_in_progress"] >= 1  # answered while the engine was generating
     check_audio(queued_audio, "wav", whole)
     assert httpx.get(f"{server}/health").json()["requests_in_progress"] == 0
+
+
+def test_requests_at_once_are_generated_together_and_each_gets_its_own_audio(
+    client: openai.OpenAI, tts: SopranoTTS
+) -> None:
+    """Continuous batching: every stream starts before any ends, and each carries what it
+    would carry alone (the audio does not depend on what shares the batch)."""
+    texts = [f"Request number {n} of several that arrive at the same time." for n in range(3)]
+    with ExitStack() as responses:
+        streams = [
+            responses.enter_context(
+                client.audio.speech.with_streaming_response.create(
+                    model="tts-1", voice="alloy", input=text, response_format="pcm",
+                    extra_body=SAMPLING,
+                )
+            )
+            for text in texts
+        ]  # fmt: skip
+        pieces = [stream.iter_bytes() for stream in streams]
+        first = [next(piece) for piece in pieces]  # all started while none has ended
+        audio = [head + b"".join(rest) for head, rest in zip(first, pieces, strict=True)]
+    for text, data in zip(texts, audio, strict=True):
+        alone = tts.infer_stream(text, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, **SAMPLING)
+        assert data == to_pcm16(torch.cat(list(alone)))
+
+
+@pytest.mark.parametrize("response_format", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
+@pytest.mark.parametrize("text", ["!!!", "---", "🙂🙂"])
+def test_text_with_nothing_to_say_is_a_400_in_every_format(
+    server: str, response_format: str, text: str
+) -> None:
+    for stream in (True, False):
+        body = {"input": text, "response_format": response_format, "stream": stream}
+        response = httpx.post(f"{server}/v1/audio/speech", json=body, timeout=30)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] in ("input", "response_format")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"temperature": 1e-300}, {"temperature": 1e-320}, {"top_p": 1e-300, "temperature": 0.7}],
+)
+def test_extreme_but_valid_sampling_values_still_speak(server: str, fields: dict) -> None:
+    body = {"input": TEXT, "response_format": "pcm", "max_new_tokens": 8, **fields}
+    response = httpx.post(f"{server}/v1/audio/speech", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.content) == 7 * TOKEN_SAMPLES * 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"max_new_tokens": 2_000_000}, "max_new_tokens must be at most 1024 on this server"),
+        ({"retries": 1_000_000, "stream": False}, "retries must be an integer from 0 to 10"),
+        ({"seed": 2**70}, "seed must be an integer from 0 to"),
+    ],
+)
+def test_out_of_range_values_are_400s_that_say_the_limit(
+    server: str, fields: dict, message: str
+) -> None:
+    body = {"input": TEXT, "response_format": "pcm", **fields}
+    response = httpx.post(f"{server}/v1/audio/speech", json=body, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith(message)
+
+
+def test_an_oversize_body_is_refused_before_it_is_read(server: str) -> None:
+    huge = json.dumps({"input": "x" * 2_000_000}).encode()
+    declared = httpx.post(f"{server}/v1/audio/speech", content=huge, timeout=30)
+
+    def pieces() -> Iterator[bytes]:  # no Content-Length: a chunked body
+        for start in range(0, len(huge), 65536):
+            yield huge[start : start + 65536]
+
+    chunked = httpx.post(f"{server}/v1/audio/speech", content=pieces(), timeout=30)
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        assert "larger than this server accepts" in response.json()["error"]["message"]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"

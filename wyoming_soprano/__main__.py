@@ -38,7 +38,9 @@ DEFAULT_URI = "stdio://"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="wyoming-soprano", description="Wyoming text-to-speech server for Soprano."
+        allow_abbrev=False,
+        prog="wyoming-soprano",
+        description="Wyoming text-to-speech server for Soprano.",
     )
     parser.add_argument(
         "--uri", default=DEFAULT_URI, help="tcp://HOST:PORT, unix:///PATH or stdio:// (default)"

@@ -61,8 +61,10 @@ class TokenSampler:
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             if row.generator is not None:
-                # Shifted by the maximum first, a tiny temperature cannot overflow to inf − inf.
+                # Shifted by the maximum first, a tiny temperature cannot overflow to inf − inf;
+                # one that rounds to 0 in float32 leaves the maximum at 0/0, which means 0.
                 scaled = (logits[i] - logits[i].max()) / row.params.temperature
+                scaled = torch.nan_to_num(scaled, nan=0.0)
                 probs = top_p_filter(scaled, row.params.top_p).softmax(-1)
                 tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
         for row, token in zip(rows, tokens.tolist(), strict=True):

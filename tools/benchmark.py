@@ -379,10 +379,8 @@ def _common_prefix(first: list[int], second: list[int]) -> int:
 
 def _teacher_forced_states(lm: Any, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """States producing each of `tokens` when the LM reads prompt + tokens in one pass."""
-    ids = torch.tensor([prompt + tokens[:-1]], device=lm.device)
-    cache = lm.model.new_cache(1, ids.shape[1])
-    positions = torch.arange(ids.shape[1], device=lm.device)[None]
-    hidden = lm.model(ids, positions, cache)[0]
+    ids = torch.tensor(prompt + tokens[:-1], device=lm.device)
+    hidden = lm.model(ids, [lm.model.new_cache(len(ids))], [len(ids)])
     return hidden[len(prompt) - 1 :]
 
 
