@@ -70,6 +70,8 @@ LONG_TEXT = " ".join(
     f"This is sentence number {number} of a long announcement for everybody." for number in range(6)
 )
 AUDIO_FORMAT = (SAMPLE_RATE, SAMPLE_WIDTH, 1)
+IDLE_TIMEOUT = 1.0
+MAX_CONNECTIONS = 3
 
 T = TypeVar("T")
 
@@ -159,6 +161,11 @@ def servers(tiny_checkpoint: Path, endless_checkpoint: Path) -> Iterator[dict[st
             *("--model", str(endless_checkpoint), "--device", "cpu"),
             *("--temperature", "1.0", "--seed", "3", "--max-new-tokens", "400", "--debug"),
         ),
+        "guarded": ServerProcess(
+            *model,
+            *("--idle-timeout", str(IDLE_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS)),
+            "--debug",
+        ),
         "stdio": ServerProcess(
             *model, *("--max-new-tokens", str(MAX_NEW_TOKENS), "--no-streaming"), stdio=True
         ),
@@ -183,6 +190,11 @@ def server(servers: dict[str, ServerProcess]) -> ServerProcess:
 @pytest.fixture(scope="module")
 def busy_server(servers: dict[str, ServerProcess]) -> ServerProcess:
     return servers["busy"]
+
+
+@pytest.fixture(scope="module")
+def guarded_server(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["guarded"]
 
 
 @pytest.fixture(scope="module")
@@ -671,3 +683,63 @@ def test_missing_model_offline_is_one_clear_error_and_a_nonzero_exit(tmp_path: P
     assert len(errors) == 1, result.stderr
     assert "Cannot load the model" in errors[0] and "ekwek/Soprano-1.1-80M" in errors[0]
     assert result.stdout == ""
+
+
+def test_a_connection_that_completes_no_event_is_let_go(guarded_server: ServerProcess) -> None:
+    async def scenario() -> tuple[bytes, Event]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", guarded_server.port)
+        writer.write(b'{"type": "desc')  # and never the rest, as a trickling client
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), EVENT_TIMEOUT)  # EOF: the server hung up
+        writer.close()
+        return rest, await describe(guarded_server)
+
+    rest, info = run(scenario())
+    assert rest == b"" and info.type == "info"
+    guarded_server.wait_for_log("Closing a connection idle for 1 s")
+
+
+def test_connections_past_the_limit_get_an_error_and_the_rest_are_served(
+    guarded_server: ServerProcess,
+) -> None:
+    async def scenario() -> tuple[Event | None, Event | None, list[Event]]:
+        clients = [await connect(guarded_server) for _ in range(MAX_CONNECTIONS)]
+        for client in clients:  # each is being served now
+            await client.write_event(Describe().event())
+            assert (await next_event(client)).type == "info"
+        reader, writer = await asyncio.open_connection("127.0.0.1", guarded_server.port)
+        refusal = await asyncio.wait_for(async_read_event(reader), EVENT_TIMEOUT)
+        after = await asyncio.wait_for(async_read_event(reader), EVENT_TIMEOUT)
+        writer.close()
+        served = []
+        for client in clients:
+            await client.write_event(Describe().event())
+            served.append(await next_event(client))
+            await client.disconnect()
+        return refusal, after, served
+
+    refusal, after, served = run(scenario())
+    assert refusal is not None and Error.from_event(refusal).code == "ServerBusy"
+    assert after is None
+    assert [event.type for event in served] == ["info"] * MAX_CONNECTIONS
+    guarded_server.wait_for_log("Connection closed (0 open)")
+    assert run(describe(guarded_server)).type == "info", "closed connections free their places"
+
+
+def test_a_flood_of_events_does_not_starve_other_connections(server: ServerProcess) -> None:
+    async def flood() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b'{"type": "ping"}\n' * 20_000 + b"\n" * 20_000)
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> float:
+        floods = [asyncio.create_task(flood()) for _ in range(3)]
+        started = time.perf_counter()
+        info = await describe(server)
+        elapsed = time.perf_counter() - started
+        await asyncio.gather(*floods)
+        assert info.type == "info"
+        return elapsed
+
+    assert run(scenario()) < DESCRIBE_DEADLINE

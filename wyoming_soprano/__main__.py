@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
+import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from wyoming.event import async_get_stdin, async_get_stdout
 from wyoming.server import AsyncServer, AsyncStdioServer, AsyncTcpServer, HandlerFactory
@@ -27,13 +30,39 @@ from soprano.frontend import (
 from soprano.lm import BACKENDS, SamplingParams
 from soprano.serving import SpeechService
 from wyoming_soprano import __version__
-from wyoming_soprano.handler import ServerContext, SopranoEventHandler
+from wyoming_soprano.handler import ConnectionCount, ServerContext, SopranoEventHandler
 from wyoming_soprano.info import PROGRAM_NAME, build_info, voice_name
 from wyoming_soprano.zeroconf import AnnouncementError, ZeroconfAnnouncer, advertised_address
 
 _LOGGER = logging.getLogger("wyoming_soprano")
 
 DEFAULT_URI = "stdio://"
+DEFAULT_IDLE_TIMEOUT = 60.0
+ERROR_LOG_INTERVAL = 10.0
+"""Seconds between two logs of the same event-loop error (accept failures repeat fast)."""
+DESCRIPTORS_KEPT = 64
+"""Open files kept free of connections: the model, logs, zeroconf's sockets."""
+
+
+def default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, min(1024, soft - DESCRIPTORS_KEPT))
+
+
+class RateLimitedErrors:
+    """An event-loop exception handler that logs each kind of error at most once per
+    `interval` seconds (a full descriptor table makes accept fail hundreds of times a second)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        now = time.monotonic()
+        if now - self._last.get(message, -self.interval) >= self.interval:
+            self._last[message] = now
+            loop.default_exception_handler(context)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=TOKEN_SAMPLES,
         help="Samples per audio-chunk event; the last chunk of a cycle may be shorter "
         "(default: %(default)s, one token of audio)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that completes no event for this long while nothing is "
+        "being spoken for it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=default_max_connections(),
+        metavar="N",
+        help="connections served at once; more get an error (default: %(default)s, below the "
+        "open-file limit)",
     )
     parser.add_argument(
         "--no-streaming",
@@ -117,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--zeroconf needs a tcp:// --uri")
     if args.samples_per_chunk < 1:
         parser.error("--samples-per-chunk must be at least 1")
+    if not args.idle_timeout > 0:
+        parser.error("--idle-timeout must be positive")
+    if args.max_connections < 1:
+        parser.error("--max-connections must be at least 1")
 
     sampling = sampling_params(parser, args)
     limits = serving_limits(parser, args)
@@ -176,10 +225,13 @@ async def serve(
         chunk_size=max(1, args.samples_per_chunk // TOKEN_SAMPLES),
         samples_per_chunk=args.samples_per_chunk,
         voice_name=voice_name(args.model),
+        idle_timeout=args.idle_timeout,
+        connections=ConnectionCount(args.max_connections),
     )
     handler_factory = partial(SopranoEventHandler, context=context)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(RateLimitedErrors(ERROR_LOG_INTERVAL))
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
     try:

@@ -46,6 +46,15 @@ MAX_QUEUED_REPLIES = 4
 sent (a client pipelining requests without reading cannot queue unbounded work)."""
 
 
+class ConnectionCount:
+    """Connections open now, against the most the server takes (below its descriptor limit,
+    so that accepting never fails for everyone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+
 @dataclass(frozen=True)
 class ServerContext:
     """What every connection shares."""
@@ -57,6 +66,9 @@ class ServerContext:
     """Tokens in the first streamed chunk of a sentence (later ones grow)."""
     samples_per_chunk: int
     voice_name: str
+    idle_timeout: float
+    """Seconds a connection may take to complete an event while nothing is spoken for it."""
+    connections: ConnectionCount
 
 
 class RequestError(Exception):
@@ -97,6 +109,25 @@ class SopranoEventHandler(AsyncEventHandler):
     async def run(self) -> None:
         """Read events until EOF; then finish the replies already asked for (unless gone)."""
         self._is_running = True
+        connections = self.context.connections
+        if connections.open >= connections.limit:
+            _LOGGER.warning("Refusing a connection: %d are open already", connections.open)
+            await self._close(
+                Error(
+                    text=f"the server has {connections.open} connections open; try again later",
+                    code="ServerBusy",
+                )
+            )
+            await self.disconnect()
+            return
+        connections.open += 1
+        try:
+            await self._serve()
+        finally:
+            connections.open -= 1
+            _LOGGER.debug("Connection closed (%d open)", connections.open)
+
+    async def _serve(self) -> None:
         speaker = asyncio.create_task(self._write_replies(), name="wyoming reply writer")
         try:
             refusal = await self._read_events()
@@ -118,11 +149,12 @@ class SopranoEventHandler(AsyncEventHandler):
         """Handle events until EOF (None) or until a request must be refused (its `error`)."""
         while self._is_running:
             try:
-                event = await read_event(self.reader)
+                event = await self._next_event()
                 if event is None:
                     return None
                 _LOGGER.debug("Received %s", event.type)
                 await self.handle_event(event)
+                await asyncio.sleep(0)  # a flood of events must not starve other connections
             except ProtocolError as error:
                 _LOGGER.warning("Closing a connection that sent a malformed event: %s", error)
                 return Error(text=str(error), code="ProtocolError")
@@ -132,6 +164,22 @@ class SopranoEventHandler(AsyncEventHandler):
             except ConnectionError:
                 return None
         return None
+
+    async def _next_event(self) -> Event | None:
+        """The next event, or None at EOF or once the connection has idled too long: a client
+        that completes no event within `idle_timeout` seconds while nothing is being spoken
+        for it (an idle connection, or a header trickled byte by byte) is let go."""
+        reading = asyncio.ensure_future(read_event(self.reader))
+        try:
+            while True:
+                done, _ = await asyncio.wait({reading}, timeout=self.context.idle_timeout)
+                if done:
+                    return reading.result()
+                if not self._unfinished:
+                    _LOGGER.info("Closing a connection idle for %g s", self.context.idle_timeout)
+                    return None
+        finally:
+            reading.cancel()
 
     async def handle_event(self, event: Event) -> bool:
         if Describe.is_type(event.type):
