@@ -11,12 +11,27 @@ import re
 
 from unidecode import unidecode
 
+from soprano.text.codes import expand_codes
+from soprano.text.dates import expand_dates_and_times
+from soprano.text.markdown import markdown_to_text
 from soprano.text.numbers import normalize_numbers
+from soprano.text.phone import expand_phone_numbers
+from soprano.text.units import expand_units
 
 SENTENCE_ENDINGS = ".!?"
 """Closing punctuation: every prompt ends with one, so that the model ends it with a pause."""
 
 _POUND_SIGN = "£"
+# Fix: emoji and pictographs are silent on purpose (upstream dropped most of them only because
+# unidecode had no ASCII for them, and read "™" as ", tm,"): a reader does not say "grinning
+# face". Variation selectors, joiners and keycaps go with them, so "1️⃣" is "1".
+_PICTOGRAPH = re.compile(
+    "[\U0001f000-\U0001faff\u2300-\u23ff\u25a0-\u27bf\u2b00-\u2bff\u00a9\u00ae\u2122"
+    "\ufe0e\ufe0f\u200d\u20e3\U000e0020-\U000e007f]"
+)
+_ARROW = re.compile("\\s*[→⟶⇒]\\s*")
+# Fix: "--" is a dash, read as a pause like "—" (upstream read it as a minus before a digit).
+_DOUBLE_HYPHEN = re.compile(r"\s*-{2,}\s*")
 # Fix: upstream gave "<3" its heart in step 8, when digits were already words, so it never fired.
 # It is read before the numbers now; "<30" stays a comparison.
 _HEART = re.compile(r"(^| )<3(?!\d)")
@@ -135,7 +150,14 @@ _LONG_CHARACTER_RUN = re.compile(r"(\w)\1{2,}")
 
 def clean_text(text: str) -> str:
     """Normalise text to the lower-case, digit-free alphabet that the Soprano LM reads."""
-    text = text.replace("—", " - ")
+    text = markdown_to_text(text)
+    text = _PICTOGRAPH.sub("", text)
+    text = _ARROW.sub(" to ", text)
+    text = _DOUBLE_HYPHEN.sub(" - ", text.replace("—", " - "))
+    text = expand_phone_numbers(text)
+    text = expand_dates_and_times(text)
+    text = expand_codes(text)
+    text = expand_units(text)
     text = _transliterate(text)
     text = _terminate_lines(text)
     text = _HEART.sub(" heart ", text)

@@ -33,9 +33,10 @@ _MAGNITUDES = {"k": "thousand", "m": "million", "b": "billion", "t": "trillion"}
 # gets a space after it ("1,2,3" -> "1, 2, 3").
 _THOUSANDS_GROUPS = re.compile(r"(?<!\d)(?<!\d,)\d{1,3}(?:,\d{3})+(?!\d|,\d)")
 _LIST_COMMA = re.compile(r"(?<=\d),(?=\d)")
-# Fix: lookarounds instead of upstream's consumed neighbours, so adjacent dates all match.
+# Fix: lookarounds instead of upstream's consumed neighbours, so adjacent dates all match. Real
+# dates are read before this (`dates`), and phone numbers in `phone`; what is left here, such as
+# "13/13/2026", keeps upstream's "dash" reading.
 _DATE = re.compile(r"(?<!/)(\d{1,2})[/-](\d{1,2})[/-](\d{4}|\d{2})(?!/)")
-_PHONE_NUMBER = re.compile(r"\(?\d{3}\)?[-.\s]\d{3}[-.\s]?\d{4}")
 _TIME = re.compile(r"(\d\d?):(\d\d)(?::(\d\d))?")
 # Upstream never reached this rule (see `_transliterate` in normalize.py); now that it runs,
 # pence are part of the amount ("£3.50" -> "3.50 pounds"), not a stray ".50" left behind.
@@ -65,7 +66,6 @@ def normalize_numbers(text: str) -> str:
     text = _THOUSANDS_GROUPS.sub(lambda match: match.group(0).replace(",", ""), text)
     text = _LIST_COMMA.sub(", ", text)
     text = _DATE.sub(lambda match: " dash ".join(match.groups()), text)
-    text = _PHONE_NUMBER.sub(_expand_phone_number, text)
     text = _TIME.sub(_expand_time, text)
     text = _POUNDS.sub(r"\1 pounds", text)
     text = _DOLLARS.sub(_expand_dollars, text)
@@ -100,11 +100,6 @@ def spoken_integer(digits: str) -> str:
 
 def _expand_magnitude(match: re.Match[str]) -> str:
     return f"{match.group(1)} {_MAGNITUDES[match.group(2).lower()]}"
-
-
-def _expand_phone_number(match: re.Match[str]) -> str:
-    digits = re.sub(r"\D", "", match.group(0))
-    return ", ".join(" ".join(group) for group in (digits[:3], digits[3:6], digits[6:]))
 
 
 def _clock_field(value: str, when_zero: str) -> str:
