@@ -297,7 +297,7 @@ CORPUS: list[tuple[str, str]] = [
     ("### Summary\n- **Pros:** fast\n- **Cons:** loud", "summary. pros. fast. cons. loud."),
     (
         "See <https://example.com> for more.",
-        "see h t t p s colon slash slash example dot com for more.",
+        "see example dot com for more.",
     ),
     ("* First item\n* Second item", "first item. second item."),
     ("1) Open the app\n2) Tap settings", "open the app. tap settings."),

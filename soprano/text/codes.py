@@ -15,7 +15,10 @@ _VERSION = re.compile(r"(?<![\w.])v(\d+(?:\.\d+)+)(?![\w]|\.\d)")
 # or more points is a version or a code, whose parts are whole numbers.
 _DOTTED_PARTS = re.compile(r"(?<![\w.$£€])\d+(?:\.\d+){2,}(?![\w]|\.\d)")
 _CODE = re.compile(r"(?<![\w-])([A-Z]{1,5})-(\d+)(?![\w]|[-.]\d)")
-_ZIP_CODE = re.compile(r"\b(?:([A-Z]{2})|(ZIP|[Zz]ip)(?: [Cc]ode)?:?) (\d{5})(?:-(\d{4}))?\b")
+_ZIP_CODE = re.compile(
+    r"\b(?:([A-Z]{2})|((?:ZIP|[Zz]ip)(?: [Cc]ode)?(?: is)?:?)) (\d{5})(?:-(\d{4}))?\b"
+)
+"""After a state ("CA 90210") or the word zip; any other five digits stay a number."""
 _LONG_NUMBER_SIGN = re.compile(r"#(\d{4,})\b")
 
 
@@ -46,5 +49,5 @@ def _expand_zip_code(match: re.Match[str]) -> str:
     state, label, digits, extension = match.groups()
     spoken = spoken_digits(digits) + (f", {spoken_digits(extension)}" if extension else "")
     if label:
-        return f"zip code {spoken}"
+        return f"{label} {spoken}"
     return f"{' '.join(state.lower())} {spoken}"

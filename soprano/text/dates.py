@@ -41,7 +41,9 @@ _NUMBER_RANGE = re.compile(r"(?<=\d)\s?–\s?(?=[-−]?\d)")
 _WORD_RANGE = re.compile(r"(?<=[A-Za-z])–(?=[A-Z])")
 _MERIDIEM_TIME = re.compile(
     r"(?<![\d:.])(\d{1,2})(?::([0-5]\d))?\s?([aApP])\.?\s?[mM]\b(\.(?!\s+[A-Z]|\s*$))?"
+    r"(?: ([ECMP][SD]T|UTC|GMT|CET|CEST|BST)\b)?"
 )
+"""A 12-hour time, maybe with a time zone, whose letters are spelled ("p m e s t")."""
 
 
 def expand_dates_and_times(text: str) -> str:
@@ -106,7 +108,9 @@ def _expand_day_month(match: re.Match[str]) -> str:
     month = _MONTH_BY_NAME[match.group(2).lower()]
     if not _valid(month, day):
         return match.group(0)
-    return _day_first(day, month, match.group(3))
+    spoken = _day_first(day, month, match.group(3))
+    # "the 3rd of May" has its article already.
+    return spoken[4:] if match.string[: match.start()].lower().endswith("the ") else spoken
 
 
 def _expand_decade(match: re.Match[str]) -> str:
@@ -127,8 +131,8 @@ def _expand_time_range(match: re.Match[str]) -> str:
 
 
 def _expand_meridiem_time(match: re.Match[str]) -> str:
-    hours, minutes, half, _ = match.groups()
+    hours, minutes, half, _, zone = match.groups()
     if not 1 <= int(hours) <= 12:
         return match.group(0)
     clock = hours if minutes in (None, "00") else f"{hours}:{minutes}"
-    return f"{clock} {half.lower()} m"
+    return f"{clock} {half.lower()} m" + (f" {' '.join(zone.lower())}" if zone else "")

@@ -25,6 +25,9 @@ _MARKUP = re.compile(
 _ARITHMETIC_STAR = re.compile(r"(?<=\d)\s?\*\s?(?=\d)")
 """"2*3*4" is a product, not "3" in italics: such stars are escaped before parsing."""
 
+_TASK_BOX = re.compile(r"^\[[ xX]\] ")
+"""A task list's "[ ]" or "[x]" box, silent like the bullet before it."""
+
 _CELL_SEPARATOR = ", "
 """Table cells are read in order with a short pause between them."""
 
@@ -59,6 +62,8 @@ def markdown_to_text(text: str) -> str:
             row = None
         elif token.type == "inline":
             words = _inline_text(token.children or [])
+            if token.level > 1:
+                words = _TASK_BOX.sub("", words)
             if row is not None:
                 row.append(words.replace("\n", " ").strip())
                 continue
@@ -102,11 +107,28 @@ def _single_item_numbers(tokens: list[Token]) -> set[int]:
     return kept
 
 
+def _host(url: str) -> str:
+    """The host of a URL, or the address of a mailto link."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.hostname or parts.path
+
+
 def _inline_text(children: list[Token]) -> str:
     """The words of an inline run: text, code, link text and image alt text; breaks stay lines."""
     parts: list[str] = []
+    in_autolink = False
     for child in children:
-        if child.type in ("text", "code_inline", "html_inline"):
+        if child.type == "link_open" and child.markup == "autolink":
+            # "<https://example.com/a>" has no other text: say where it goes, "example.com".
+            in_autolink = True
+            parts.append(_host(str(child.attrs.get("href", ""))))
+        elif child.type == "link_close":
+            in_autolink = False
+        elif in_autolink:
+            continue
+        elif child.type in ("text", "code_inline", "html_inline"):
             parts.append(child.content)
         elif child.type in ("softbreak", "hardbreak"):
             parts.append("\n")

@@ -29,6 +29,8 @@ _PICTOGRAPH = re.compile(
     "[\U0001f000-\U0001faff\u2300-\u23ff\u25a0-\u27bf\u2b00-\u2bff\u00a9\u00ae\u2122"
     "\ufe0e\ufe0f\u200d\u20e3\U000e0020-\U000e007f]"
 )
+# The heart carries meaning ("I ❤️ NY"): it is read like "<3" below, as "heart".
+_HEART_SYMBOL = re.compile("\\s*[❤♥]\ufe0f?\\s*")
 _ARROW = re.compile("\\s*[→⟶⇒]\\s*")
 # Fix: "--" is a dash, read as a pause like "—" (upstream read it as a minus before a digit).
 _DOUBLE_HYPHEN = re.compile(r"\s*-{2,}\s*")
@@ -92,6 +94,8 @@ _CASED_ABBREVIATIONS = {
     "etc": "et cetera",
     "Mon": "monday",
     "Tues": "tuesday",
+    "Tue": "tuesday",  # Fix: the short forms that calendars and tables print.
+    "Thu": "thursday",
     "Wed": "wednesday",
     "Thurs": "thursday",
     "Fri": "friday",
@@ -107,7 +111,8 @@ _CASED_ABBREVIATIONS = {
     "Dec": "december",
     "and/or": "and or",
 }
-"""Case-sensitive whole words, as upstream 0.2.0 (no "Sun", "May", "Jun", "Jul", "TTS")."""
+"""Case-sensitive whole words, as upstream 0.2.0 (no "Sun", "May", "Jun", "Jul", "TTS"), plus
+"Tue" and "Thu"."""
 
 _ABBREVIATION = re.compile(r"\b(" + "|".join(_ABBREVIATIONS) + r")\.", re.IGNORECASE)
 _CASED_ABBREVIATION = re.compile(r"\b(" + "|".join(map(re.escape, _CASED_ABBREVIATIONS)) + r")\b")
@@ -151,7 +156,7 @@ _LONG_CHARACTER_RUN = re.compile(r"(\w)\1{2,}")
 def clean_text(text: str) -> str:
     """Normalise text to the lower-case, digit-free alphabet that the Soprano LM reads."""
     text = markdown_to_text(text)
-    text = _PICTOGRAPH.sub("", text)
+    text = _PICTOGRAPH.sub("", _HEART_SYMBOL.sub(" heart ", text))
     text = _ARROW.sub(" to ", text)
     text = _DOUBLE_HYPHEN.sub(" - ", text.replace("—", " - "))
     text = expand_phone_numbers(text)

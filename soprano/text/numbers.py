@@ -26,6 +26,10 @@ MAX_SPOKEN_DIGITS = 36
 """inflect names numbers up to 36 digits; longer digit runs are read one digit at a time."""
 
 _NUMBER_SIGN = re.compile(r"#(\d)")
+# Fix: upstream read "$5M" as "five dollars million"; the magnitude belongs to the amount.
+_DOLLAR_MAGNITUDE = re.compile(
+    r"\$(\d+(?:\.\d+)?)\s?([kmbt]\b|thousand|million|billion|trillion)", re.I
+)
 _MAGNITUDE_SUFFIX = re.compile(r"\b(\d+)([kmbt])\b", re.IGNORECASE)
 _MAGNITUDES = {"k": "thousand", "m": "million", "b": "billion", "t": "trillion"}
 # Fix: upstream removed every comma between digits, so "1,2,3" became "123". Only real thousands
@@ -62,6 +66,7 @@ _INTEGER = re.compile(r"\d+")
 def normalize_numbers(text: str) -> str:
     """Rewrite every number-like pattern and then every remaining digit run as words."""
     text = _NUMBER_SIGN.sub(r"number \1", text)
+    text = _DOLLAR_MAGNITUDE.sub(_expand_dollar_magnitude, text)
     text = _MAGNITUDE_SUFFIX.sub(_expand_magnitude, text)
     text = _THOUSANDS_GROUPS.sub(lambda match: match.group(0).replace(",", ""), text)
     text = _LIST_COMMA.sub(", ", text)
@@ -96,6 +101,11 @@ def spoken_integer(digits: str) -> str:
     if number % 100 == 0:
         return _inflect().number_to_words(number // 100) + " hundred"
     return _inflect().number_to_words(number, andword="", zero="oh", group=2).replace(", ", " ")
+
+
+def _expand_dollar_magnitude(match: re.Match[str]) -> str:
+    magnitude = match.group(2).lower()
+    return f"{match.group(1)} {_MAGNITUDES.get(magnitude, magnitude)} dollars"
 
 
 def _expand_magnitude(match: re.Match[str]) -> str:

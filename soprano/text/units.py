@@ -56,6 +56,8 @@ _UNITS: dict[str, tuple[str, str]] = {
     "fl oz": ("fluid ounce", "fluid ounces"),
     "tsp": ("teaspoon", "teaspoons"),
     "tbsp": ("tablespoon", "tablespoons"),
+    # Pressure.
+    "hPa": ("hectopascal", "hectopascals"),
     # Share.
     "%": ("percent", "percent"),
     # Data.
@@ -118,6 +120,13 @@ _DURATION = re.compile(
 """Compound durations ("1h 30m", "5m30s"), where a lone "m" is minutes, not meters."""
 
 
+_ARTICLE = re.compile(r"\b(?:[Aa]n?|[Tt]he|[Yy]our|[Mm]y) $")
+_ATTRIBUTIVE = re.compile(
+    r" (?:timer|alarm|countdown|battery|bulb|charger|heater|walk|drive|break)\b"
+)
+"""Before such a noun a measure is an adjective, singular: "a 30s timer", "a 9 V battery"."""
+
+
 def expand_units(text: str) -> str:
     """Name the unit after every measured number; the number itself stays digits."""
     text = _DURATION.sub(_expand_duration, text)
@@ -143,4 +152,7 @@ def _expand_measure(match: re.Match[str]) -> str:
     sign, low, high, unit, bare = match.group("sign", "low", "high", "unit", "bare")
     singular, plural = _UNITS[unit] if unit is not None else _BARE_TEMPERATURE[bare]
     amount = ("minus " if sign else "") + low + ("" if high is None else f" to {high}")
-    return f"{amount} {singular if (high or low) == '1' else plural}"
+    attributive = _ATTRIBUTIVE.match(match.string, match.end()) and _ARTICLE.search(
+        match.string, 0, match.start()
+    )
+    return f"{amount} {singular if (high or low) == '1' or attributive else plural}"
