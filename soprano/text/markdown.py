@@ -85,6 +85,12 @@ def _pipes_as_cells(line: str) -> str:
     return _CELL_SEPARATOR.join(cell.strip() for cell in line.strip().strip("|").split("|"))
 
 
+def ends_with_list(text: str) -> bool:
+    """True if the last block of `text` is a list (the stream may cut between its items)."""
+    tokens = [token for token in _parser().parse(text) if token.level == 0]
+    return bool(tokens) and tokens[-1].type in ("bullet_list_close", "ordered_list_close")
+
+
 def _single_item_numbers(tokens: list[Token]) -> set[int]:
     """Items of ordered lists that have one item, numbered other than 1: their number is read."""
     kept: set[int] = set()
