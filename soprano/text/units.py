@@ -99,7 +99,11 @@ _UNITS: dict[str, tuple[str, str]] = {
     "yr": ("year", "years"),
     "yrs": ("year", "years"),
 }
-"""Case-sensitive symbols; a lower-case "m" is meters (capital "M" stays million)."""
+"""Case-sensitive symbols after a number.
+
+Fix: upstream read "100m" as "one hundred million" and "5s", "2h", "10 km" with the letters;
+after a number a lower-case "m" is meters now (a capital "M" stays million), and "GB" is plural
+where the number is not one ("8 GB" was "eight gigabyte")."""
 
 _BARE_TEMPERATURE = {"C": _UNITS["°C"], "F": _UNITS["°F"]}
 """Weather shorthand "25C", "77F": only glued to the number, as "5 C" is too often not a unit."""
