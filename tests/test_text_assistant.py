@@ -71,6 +71,10 @@ NEW_CASES = [
     ("9–5", "nine to five."),
     ("10:00-11:30", "ten o'clock to eleven thirty."),
     ("10-3", "ten minus three."),
+    ("Bake for 20-25 minutes", "bake for twenty to twenty-five minutes."),
+    ("2-3 people", "two to three people."),
+    ("5-3 is 2", "five minus three is two."),
+    ("2020-2024", "twenty twenty to twenty twenty-four."),
     ("Mon–Fri", "monday to friday."),
     # Phone numbers are digits in groups, never arithmetic.
     ("(555) 123-4567", "five five five, one two three, four five six seven."),

@@ -38,6 +38,13 @@ _MERIDIEM = r"\s?(?:[aApP]\.?\s?[mM]\b\.?)"
 _CLOCK = rf"\d{{1,2}}(?::[0-5]\d)?(?:{_MERIDIEM})?"
 _TIME_RANGE = re.compile(rf"(?<![\d:.])({_CLOCK})\s?[-–]\s?({_CLOCK})(?![\d:])")
 _NUMBER_RANGE = re.compile(r"(?<=\d)\s?–\s?(?=[-−]?\d)")
+# Fix: upstream read a hyphen between numbers as a minus: "20-25 minutes" was "twenty minus
+# twenty-five minutes", "2020-2024" "twenty twenty minus twenty twenty-four". Between two years,
+# or before a counted plural noun, it is a range; "10-3" and "5-3 is 2" stay arithmetic.
+_YEAR_RANGE = re.compile(r"(?<![\d.,-])([12]\d{3})-([12]\d{3})(?![\d.,-])")
+_COUNTED_RANGE = re.compile(
+    r"(?<![\d.,:-])(\d+(?:\.\d+)?)-(\d+(?:\.\d+)?)(?= (?:[a-z]{2,}s|people|feet|percent)\b)"
+)
 _WORD_RANGE = re.compile(r"(?<=[A-Za-z])–(?=[A-Z])")
 _MERIDIEM_TIME = re.compile(
     r"(?<![\d:.])(\d{1,2})(?::([0-5]\d))?\s?([aApP])\.?\s?[mM]\b(\.(?!\s+[A-Z]|\s*$))?"
@@ -55,6 +62,8 @@ def expand_dates_and_times(text: str) -> str:
     text = _DECADE.sub(_expand_decade, text)
     text = _TIME_RANGE.sub(_expand_time_range, text)
     text = _NUMBER_RANGE.sub(" to ", text)
+    text = _YEAR_RANGE.sub(r"\1 to \2", text)
+    text = _COUNTED_RANGE.sub(r"\1 to \2", text)
     text = _WORD_RANGE.sub(" to ", text)
     return _MERIDIEM_TIME.sub(_expand_meridiem_time, text)
 
