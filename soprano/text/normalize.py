@@ -140,7 +140,7 @@ _SYMBOLS = {
 _SYMBOL = re.compile("|".join(map(re.escape, _SYMBOLS)))  # "<=" is listed before "<"
 
 # Fix: whitespace is kept for the next step; upstream deleted tabs here, gluing words together.
-_UNKNOWN_CHARACTER = re.compile(r"[^a-z0-9\s!$%&'*+,\-./<>?_]")
+_UNKNOWN_CHARACTER = re.compile(r"[^a-z0-9\s!$%&'*+,\-./<>?_]")  # drops a stray "£" or "€"
 _UNSPOKEN_CHARACTER = re.compile(r"[<>/_+]")
 _WHITESPACE = re.compile(r"\s+")
 _SPACE_BEFORE_PUNCTUATION = re.compile(r" ([.?!,])")
@@ -197,7 +197,11 @@ def end_sentence(text: str) -> str:
 def _transliterate(text: str) -> str:
     # Fix: unidecode turns "£" into "PS", so upstream's pounds rule never saw it; the sign is
     # kept through transliteration for the number rules (and dropped later if still unused).
-    return _POUND_SIGN.join(unidecode(part) for part in text.split(_POUND_SIGN))
+    # The euro sign likewise (unidecode made it "EUR").
+    return "€".join(
+        _POUND_SIGN.join(unidecode(part) for part in piece.split(_POUND_SIGN))
+        for piece in text.split("€")
+    )
 
 
 def _terminate_lines(text: str) -> str:

@@ -47,7 +47,11 @@ _TIME = re.compile(r"(\d\d?):(\d\d)(?::(\d\d))?")
 _POUNDS = re.compile(r"£(\d+(?:\.\d+)?)")
 # Commas are settled by the thousands rule above: a comma left after "$1" separates a list.
 _DOLLARS = re.compile(r"\$([\d.]*\d)")
+# Fix: upstream's unidecode made "€5" "EUR5"; euros are read like dollars, with their cents.
+_EUROS = re.compile(r"€([\d.]*\d)|(\d) ?€")
 _DECIMAL = re.compile(r"\d+(?:\.\d+)+")
+# Fix: ":" between single digits is a ratio or a score, "1:1" is "one to one", not "one.one".
+_RATIO = re.compile(r"(?<![\d:])(\d+):(\d)(?![\d:])")
 # Fix: upstream consumed the right-hand digit of each operation, so in chains every second
 # operator was missed ("2*3*4" came out as "two times three four"). Lookarounds read them all.
 _MULTIPLY = re.compile(r"(?<=\d)\s?\*\s?(?=\d)")
@@ -74,6 +78,8 @@ def normalize_numbers(text: str) -> str:
     text = _TIME.sub(_expand_time, text)
     text = _POUNDS.sub(r"\1 pounds", text)
     text = _DOLLARS.sub(_expand_dollars, text)
+    text = _EUROS.sub(_expand_euros, text)
+    text = _RATIO.sub(r"\1 to \2", text)
     text = _DECIMAL.sub(_expand_decimal, text)
     text = _MULTIPLY.sub(" times ", text)
     text = _SLASH_RUN.sub(lambda match: " slash ".join(match.group(0).split("/")), text)
@@ -142,16 +148,25 @@ def _expand_time(match: re.Match[str]) -> str:
 
 
 def _expand_dollars(match: re.Match[str]) -> str:
-    amount = match.group(1)
+    return _spoken_amount(match.group(1), "dollar")
+
+
+def _expand_euros(match: re.Match[str]) -> str:
+    if match.group(1) is None:
+        return f"{match.group(2)} euros"
+    return _spoken_amount(match.group(1), "euro")
+
+
+def _spoken_amount(amount: str, currency: str) -> str:
     parts = amount.split(".")
     # Fix: upstream read "$1.5" as "1 dollar, 5 cents" and "$2.475" as "475 cents". One digit
     # after the point is tens of cents; more than two digits are not cents, so the amount is
     # read as a decimal number of dollars, like the malformed "$1.2.3".
     if len(parts) > 2 or (len(parts) == 2 and len(parts[1]) > 2):
-        return f"{amount} dollars"
+        return f"{amount} {currency}s"
     dollars = int(parts[0]) if parts[0] else 0
     cents = int(parts[1].ljust(2, "0")) if len(parts) == 2 else 0
-    dollar_words = f"{dollars} dollar" + ("" if dollars == 1 else "s")
+    dollar_words = f"{dollars} {currency}" + ("" if dollars == 1 else "s")
     cent_words = f"{cents} cent" + ("" if cents == 1 else "s")
     if dollars and cents:
         return f"{dollar_words}, {cent_words}"
@@ -159,7 +174,7 @@ def _expand_dollars(match: re.Match[str]) -> str:
         return dollar_words
     if cents:
         return cent_words
-    return "zero dollars"
+    return f"zero {currency}s"
 
 
 def _expand_decimal(match: re.Match[str]) -> str:
