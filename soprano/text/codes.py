@@ -19,6 +19,8 @@ _ZIP_CODE = re.compile(
     r"\b(?:([A-Z]{2})|((?:ZIP|[Zz]ip)(?: [Cc]ode)?(?: is)?:?)) (\d{5})(?:-(\d{4}))?\b"
 )
 """After a state ("CA 90210") or the word zip; any other five digits stay a number."""
+# Fix: upstream read "#1234" as "number twelve thirty-four" and "CA 90210" as "ninety thousand,
+# two hundred ten"; an ID or a ZIP code is read digit by digit.
 _LONG_NUMBER_SIGN = re.compile(r"#(\d{4,})\b")
 
 

@@ -31,6 +31,7 @@ _MONTH_DAY = re.compile(
 _DAY_MONTH = re.compile(
     rf"(?<![\d.,])(\d{{1,2}})(?:st|nd|rd|th)? (?:of )?({_MONTH_NAME})\b\.?(?:,? (\d{{4}})\b)?"
 )
+# Fix: upstream read "1990s" as "nineteen ninety s".
 _DECADE = re.compile(r"(?<![\w.,])(?:(\d{3}0)|['’](\d0)|(?<=the )(\d0))s\b")
 """1990s, '90s, the 90s; a bare "30s" is left to the units (thirty seconds)."""
 
@@ -46,6 +47,8 @@ _COUNTED_RANGE = re.compile(
     r"(?<![\d.,:-])(\d+(?:\.\d+)?)-(\d+(?:\.\d+)?)(?= (?:[a-z]{2,}s|people|feet|percent)\b)"
 )
 _WORD_RANGE = re.compile(r"(?<=[A-Za-z])–(?=[A-Z])")
+# Fix: upstream left "pm" a word ("three thirty pm"), which the model says as one syllable; the
+# letters are spelled, "p m". A hyphen between clock times is a range, not upstream's minus.
 _MERIDIEM_TIME = re.compile(
     r"(?<![\d:.])(\d{1,2})(?::([0-5]\d))?\s?([aApP])\.?\s?[mM]\b(\.(?!\s+[A-Z]|\s*$))?"
     r"(?: ([ECMP][SD]T|UTC|GMT|CET|CEST|BST)\b)?"

@@ -4,6 +4,9 @@ LLM answers come in markdown. The model must hear the words, not "asterisk" or a
 so the text is parsed with markdown-it-py (CommonMark plus GFM tables and strikethrough) and each
 block is rendered as its own line; `clean_text` then ends every line as a sentence. Raw HTML is
 left as text (upstream read it), and bare URLs stay text too: only link syntax hides its URL.
+
+Fix: upstream had no markdown step, so it read "1." list markers as "one.", spelled every link's
+URL, and kept "#" headings and table pipes only by luck of its character whitelist.
 """
 
 from __future__ import annotations
