@@ -40,7 +40,7 @@ NEW_CASES = [
     ("1.0 km", "one point zero kilometers."),
     ("from -40°C to +50°C", "from minus forty degrees celsius to plus fifty degrees celsius."),
     ("5-10 mph", "five to ten miles per hour."),
-    ("x-5 m", "x minus five meters."),
+    ("model-80m", "model minus eighty million."),
     ("1,500 km", "fifteen hundred kilometers."),
     ("1 kW and 2 kWh", "one kilowatt and two kilowatt hours."),
     ("a 9 V battery", "a nine volt battery."),
@@ -119,6 +119,8 @@ NEW_CASES = [
     ("So... yes", "so... yes."),
     ("What?!?!", "what?"),
     ("well -- maybe", "well, maybe."),
+    ("good--really", "good, really."),
+    ("use --help", "use --help."),
     ("A → B", "a to b."),
 ]
 

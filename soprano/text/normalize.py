@@ -33,7 +33,7 @@ _PICTOGRAPH = re.compile(
 _HEART_SYMBOL = re.compile("\\s*[❤♥]\ufe0f?\\s*")
 _ARROW = re.compile("\\s*[→⟶⇒]\\s*")
 # Fix: "--" is a dash, read as a pause like "—" (upstream read it as a minus before a digit).
-_DOUBLE_HYPHEN = re.compile(r"\s*-{2,}\s*")
+_DOUBLE_HYPHEN = re.compile(r"(?<=\w)-{2,}(?=\w)|(?<=[\w.,!?]) +-{2,}(?: +|$)")  # not "--flag"
 # Fix: upstream gave "<3" its heart in step 8, when digits were already words, so it never fired.
 # It is read before the numbers now; "<30" stays a comparison.
 _HEART = re.compile(r"(^| )<3(?!\d)")

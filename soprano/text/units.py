@@ -112,7 +112,7 @@ _NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
 _UNIT_NAMES = "|".join(re.escape(unit) for unit in sorted(_UNITS, key=len, reverse=True))
 # The sign is a minus only where it cannot be a hyphen or a subtraction ("5-3", "x-5").
 _MEASURE = re.compile(
-    rf"(?P<sign>(?<![\w.)])[-−])?(?<![\w.,$£€¥])(?P<low>{_NUMBER})"
+    rf"(?P<sign>(?<![\w.)])[-−])?(?<![\w.,$£€¥])(?<!\w-)(?P<low>{_NUMBER})"
     rf"(?:\s?[-–]\s?(?P<high>{_NUMBER}))?"
     rf"(?:\s?(?P<unit>{_UNIT_NAMES})|(?P<bare>[CF]))(?![\w²])"
 )
