@@ -11,6 +11,8 @@ from __future__ import annotations
 import calendar
 import re
 
+from soprano.text.numbers import spoken_integer
+
 _MONTHS = [name.lower() for name in calendar.month_name[1:]]
 _MONTH_BY_NAME = {name: index for index, name in enumerate(_MONTHS, 1)}
 _MONTH_BY_NAME.update({name[:3]: index for index, name in enumerate(_MONTHS, 1)})
@@ -127,8 +129,6 @@ def _expand_day_month(match: re.Match[str]) -> str:
 
 def _expand_decade(match: re.Match[str]) -> str:
     """ "1990s" as "nineteen nineties": the spoken year, made plural."""
-    from soprano.text.numbers import spoken_integer
-
     digits = match.group(1) or match.group(2) or match.group(3)
     words = spoken_integer(digits)
     return words[:-1] + "ies" if words.endswith("y") else words + "s"

@@ -97,22 +97,16 @@ def ends_with_list(text: str) -> bool:
 def _single_item_numbers(tokens: list[Token]) -> set[int]:
     """Items of ordered lists that have one item, numbered other than 1: their number is read."""
     kept: set[int] = set()
-    for index, token in enumerate(tokens):
-        if token.type != "ordered_list_open":
-            continue
-        items = []
-        depth = 0
-        for inner in tokens[index + 1 :]:
-            if inner.type == "ordered_list_close" and depth == 0:
-                break
-            if inner.type.endswith("_list_open"):
-                depth += 1
-            elif inner.type.endswith("_list_close"):
-                depth -= 1
-            elif inner.type == "list_item_open" and depth == 0:
-                items.append(inner)
-        if len(items) == 1 and items[0].info != "1":
-            kept.add(id(items[0]))
+    lists: list[tuple[bool, list[Token]]] = []  # open lists, innermost last: (ordered, items)
+    for token in tokens:
+        if token.type in ("ordered_list_open", "bullet_list_open"):
+            lists.append((token.type == "ordered_list_open", []))
+        elif token.type == "list_item_open" and lists:
+            lists[-1][1].append(token)
+        elif token.type in ("ordered_list_close", "bullet_list_close") and lists:
+            ordered, items = lists.pop()
+            if ordered and len(items) == 1 and items[0].info != "1":
+                kept.add(id(items[0]))
     return kept
 
 
