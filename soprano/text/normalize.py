@@ -154,7 +154,12 @@ _LONG_CHARACTER_RUN = re.compile(r"(\w)\1{2,}")
 
 
 def clean_text(text: str) -> str:
-    """Normalise text to the lower-case, digit-free alphabet that the Soprano LM reads."""
+    """Normalise text to the lower-case, digit-free alphabet that the Soprano LM reads.
+
+    Assistant text is read first, before transliteration flattens "°" and "–": markdown to plain
+    lines, emoji out, then phone numbers, dates and times, codes and units, in that order (each
+    leaves digits that only it can read in words, and the rest for the number rules).
+    """
     text = markdown_to_text(text)
     text = _PICTOGRAPH.sub("", _HEART_SYMBOL.sub(" heart ", text))
     text = _ARROW.sub(" to ", text)
