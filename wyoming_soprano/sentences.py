@@ -12,6 +12,12 @@ reads with commas once its closing bracket exists. So a cut after an unclosed op
 waits for the closing one, but only while the text after the cut stays under MAX_SENTENCE_LENGTH:
 an emoticon such as ":(" must not hold a long answer back. Past that (an aside longer than that,
 or a stray bracket closed much later), the released sentences keep the bracket unread.
+
+Markdown reaches across lines too: a list item, a quote or a code fence is read by where its
+lines start and what came before them. Once the text has such a block, or the text after a cut
+would open with one, it is cut only at a paragraph break (a blank line, the next line not
+indented, no code fence open), where markdown starts afresh, or between two items of a list, so
+that the text after the cut parses alone as it does in the whole.
 """
 
 from __future__ import annotations
@@ -25,9 +31,22 @@ from soprano.text import (
     prepare_text,
     split_sentences,
 )
+from soprano.text.markdown import ends_with_list
 
 _CUT_CANDIDATE = re.compile(r"[.!?;:)\]}\"'”’…]\s+|\n\s*")
 """Where a sentence may end in raw text: after closing punctuation and whitespace, or a line."""
+
+_BLOCK_MARKUP = re.compile(
+    r"^[ \t]*(?:[-+*]|\d{1,9}[.)])(?:[ \t]|$)"
+    r"|^[ \t]*(?:>|#{1,6}(?:[ \t]|$)|```|~~~|\||[=-]+[ \t]*$)"
+    r"|^ {4}",
+    re.MULTILINE,
+)
+"""A line that opens a markdown block (list, quote, heading, fence, table, rule, code)."""
+_LIST_ITEM = re.compile(r"(?:[-+*]|\d{1,9}[.)])[ \t]")
+"""A list item at the start of a line, not indented."""
+_CODE_FENCE = re.compile(r"^[ \t]*(?:```|~~~)", re.MULTILINE)
+_PARAGRAPH_BREAK_AT_END = re.compile(r"\n[ \t]*\n\s*(?<=\n)$")
 
 CUTS_TRIED = 16
 """Candidate cuts tried per fragment, from the end: bounds the work on pathological text."""
@@ -54,6 +73,8 @@ class SentenceStream:
                 continue
             if _ends_inside_brackets(head) and len(tail) < MAX_SENTENCE_LENGTH:
                 continue
+            if not _ends_between_blocks(head, tail):
+                continue
             whole = prepare_text(text) if whole is None else whole
             head_sentences = prepare_text(head)
             if head_sentences and head_sentences + prepare_text(tail) == whole:
@@ -72,6 +93,29 @@ def _ends_inside_brackets(text: str) -> bool:
     last_opening = max(text.rfind(bracket) for bracket in "([{")
     last_closing = max(text.rfind(bracket) for bracket in ")]}")
     return last_opening > last_closing
+
+
+def _ends_between_blocks(head: str, tail: str) -> bool:
+    """True if markdown `tail` parses alone as it does after `head` (see the module doc).
+
+    Between two items of a list is such a place too: the items after the cut, a list of their
+    own, are read the same (their markers silent; the engine's check against the whole text
+    holds back a lone numbered item, whose number a one-item list keeps).
+    """
+    # A tail that opens with a block ("2) ...") may be a paragraph's next line in the whole.
+    if not _BLOCK_MARKUP.search(head) and not _BLOCK_MARKUP.match(tail):
+        return True
+    if len(_CODE_FENCE.findall(head)) % 2:
+        return False
+    if _PARAGRAPH_BREAK_AT_END.search(head):
+        return True
+    last_line = head.rstrip("\n").rpartition("\n")[2]
+    return (
+        head.endswith("\n")
+        and bool(_LIST_ITEM.match(last_line))
+        and bool(_LIST_ITEM.match(tail))
+        and ends_with_list(head)
+    )
 
 
 def _starts_with_long_sentence(text: str) -> bool:

@@ -11,12 +11,29 @@ import re
 
 from unidecode import unidecode
 
+from soprano.text.codes import expand_codes
+from soprano.text.dates import expand_dates_and_times
+from soprano.text.markdown import markdown_to_text
 from soprano.text.numbers import normalize_numbers
+from soprano.text.phone import expand_phone_numbers
+from soprano.text.units import expand_units
 
 SENTENCE_ENDINGS = ".!?"
 """Closing punctuation: every prompt ends with one, so that the model ends it with a pause."""
 
 _POUND_SIGN = "£"
+# Fix: emoji and pictographs are silent on purpose (upstream dropped most of them only because
+# unidecode had no ASCII for them, and read "™" as ", tm,"): a reader does not say "grinning
+# face". Variation selectors, joiners and keycaps go with them, so "1️⃣" is "1".
+_PICTOGRAPH = re.compile(
+    "[\U0001f000-\U0001faff\u2300-\u23ff\u25a0-\u27bf\u2b00-\u2bff\u00a9\u00ae\u2122"
+    "\ufe0e\ufe0f\u200d\u20e3\U000e0020-\U000e007f]"
+)
+# The heart carries meaning ("I ❤️ NY"): it is read like "<3" below, as "heart".
+_HEART_SYMBOL = re.compile("\\s*[❤♥]\ufe0f?\\s*")
+_ARROW = re.compile("\\s*[→⟶⇒]\\s*")
+# Fix: "--" is a dash, read as a pause like "—" (upstream read it as a minus before a digit).
+_DOUBLE_HYPHEN = re.compile(r"(?<=\w)-{2,}(?=\w)|(?<=[\w.,!?]) +-{2,}(?: +|$)")  # not "--flag"
 # Fix: upstream gave "<3" its heart in step 8, when digits were already words, so it never fired.
 # It is read before the numbers now; "<30" stays a comparison.
 _HEART = re.compile(r"(^| )<3(?!\d)")
@@ -77,6 +94,8 @@ _CASED_ABBREVIATIONS = {
     "etc": "et cetera",
     "Mon": "monday",
     "Tues": "tuesday",
+    "Tue": "tuesday",  # Fix: the short forms that calendars and tables print.
+    "Thu": "thursday",
     "Wed": "wednesday",
     "Thurs": "thursday",
     "Fri": "friday",
@@ -92,7 +111,8 @@ _CASED_ABBREVIATIONS = {
     "Dec": "december",
     "and/or": "and or",
 }
-"""Case-sensitive whole words, as upstream 0.2.0 (no "Sun", "May", "Jun", "Jul", "TTS")."""
+"""Case-sensitive whole words, as upstream 0.2.0 (no "Sun", "May", "Jun", "Jul", "TTS"), plus
+"Tue" and "Thu"."""
 
 _ABBREVIATION = re.compile(r"\b(" + "|".join(_ABBREVIATIONS) + r")\.", re.IGNORECASE)
 _CASED_ABBREVIATION = re.compile(r"\b(" + "|".join(map(re.escape, _CASED_ABBREVIATIONS)) + r")\b")
@@ -120,7 +140,7 @@ _SYMBOLS = {
 _SYMBOL = re.compile("|".join(map(re.escape, _SYMBOLS)))  # "<=" is listed before "<"
 
 # Fix: whitespace is kept for the next step; upstream deleted tabs here, gluing words together.
-_UNKNOWN_CHARACTER = re.compile(r"[^a-z0-9\s!$%&'*+,\-./<>?_]")
+_UNKNOWN_CHARACTER = re.compile(r"[^a-z0-9\s!$%&'*+,\-./<>?_]")  # drops a stray "£" or "€"
 _UNSPOKEN_CHARACTER = re.compile(r"[<>/_+]")
 _WHITESPACE = re.compile(r"\s+")
 _SPACE_BEFORE_PUNCTUATION = re.compile(r" ([.?!,])")
@@ -134,8 +154,20 @@ _LONG_CHARACTER_RUN = re.compile(r"(\w)\1{2,}")
 
 
 def clean_text(text: str) -> str:
-    """Normalise text to the lower-case, digit-free alphabet that the Soprano LM reads."""
-    text = text.replace("—", " - ")
+    """Normalise text to the lower-case, digit-free alphabet that the Soprano LM reads.
+
+    Assistant text is read first, before transliteration flattens "°" and "–": markdown to plain
+    lines, emoji out, then phone numbers, dates and times, codes and units, in that order (each
+    leaves digits that only it can read in words, and the rest for the number rules).
+    """
+    text = markdown_to_text(text)
+    text = _PICTOGRAPH.sub("", _HEART_SYMBOL.sub(" heart ", text))
+    text = _ARROW.sub(" to ", text)
+    text = _DOUBLE_HYPHEN.sub(" - ", text.replace("—", " - "))
+    text = expand_phone_numbers(text)
+    text = expand_dates_and_times(text)
+    text = expand_codes(text)
+    text = expand_units(text)
     text = _transliterate(text)
     text = _terminate_lines(text)
     text = _HEART.sub(" heart ", text)
@@ -170,7 +202,11 @@ def end_sentence(text: str) -> str:
 def _transliterate(text: str) -> str:
     # Fix: unidecode turns "£" into "PS", so upstream's pounds rule never saw it; the sign is
     # kept through transliteration for the number rules (and dropped later if still unused).
-    return _POUND_SIGN.join(unidecode(part) for part in text.split(_POUND_SIGN))
+    # The euro sign likewise (unidecode made it "EUR").
+    return "€".join(
+        _POUND_SIGN.join(unidecode(part) for part in piece.split(_POUND_SIGN))
+        for piece in text.split("€")
+    )
 
 
 def _terminate_lines(text: str) -> str:

@@ -26,6 +26,10 @@ MAX_SPOKEN_DIGITS = 36
 """inflect names numbers up to 36 digits; longer digit runs are read one digit at a time."""
 
 _NUMBER_SIGN = re.compile(r"#(\d)")
+# Fix: upstream read "$5M" as "five dollars million"; the magnitude belongs to the amount.
+_DOLLAR_MAGNITUDE = re.compile(
+    r"\$(\d+(?:\.\d+)?)\s?([kmbt]\b|thousand|million|billion|trillion)", re.I
+)
 _MAGNITUDE_SUFFIX = re.compile(r"\b(\d+)([kmbt])\b", re.IGNORECASE)
 _MAGNITUDES = {"k": "thousand", "m": "million", "b": "billion", "t": "trillion"}
 # Fix: upstream removed every comma between digits, so "1,2,3" became "123". Only real thousands
@@ -33,16 +37,21 @@ _MAGNITUDES = {"k": "thousand", "m": "million", "b": "billion", "t": "trillion"}
 # gets a space after it ("1,2,3" -> "1, 2, 3").
 _THOUSANDS_GROUPS = re.compile(r"(?<!\d)(?<!\d,)\d{1,3}(?:,\d{3})+(?!\d|,\d)")
 _LIST_COMMA = re.compile(r"(?<=\d),(?=\d)")
-# Fix: lookarounds instead of upstream's consumed neighbours, so adjacent dates all match.
+# Fix: lookarounds instead of upstream's consumed neighbours, so adjacent dates all match. Real
+# dates are read before this (`dates`), and phone numbers in `phone`; what is left here, such as
+# "13/13/2026", keeps upstream's "dash" reading.
 _DATE = re.compile(r"(?<!/)(\d{1,2})[/-](\d{1,2})[/-](\d{4}|\d{2})(?!/)")
-_PHONE_NUMBER = re.compile(r"\(?\d{3}\)?[-.\s]\d{3}[-.\s]?\d{4}")
 _TIME = re.compile(r"(\d\d?):(\d\d)(?::(\d\d))?")
 # Upstream never reached this rule (see `_transliterate` in normalize.py); now that it runs,
 # pence are part of the amount ("£3.50" -> "3.50 pounds"), not a stray ".50" left behind.
 _POUNDS = re.compile(r"£(\d+(?:\.\d+)?)")
 # Commas are settled by the thousands rule above: a comma left after "$1" separates a list.
 _DOLLARS = re.compile(r"\$([\d.]*\d)")
+# Fix: upstream's unidecode made "€5" "EUR5"; euros are read like dollars, with their cents.
+_EUROS = re.compile(r"€([\d.]*\d)|(\d) ?€")
 _DECIMAL = re.compile(r"\d+(?:\.\d+)+")
+# Fix: ":" between single digits is a ratio or a score, "1:1" is "one to one", not "one.one".
+_RATIO = re.compile(r"(?<![\d:])(\d+):(\d)(?![\d:])")
 # Fix: upstream consumed the right-hand digit of each operation, so in chains every second
 # operator was missed ("2*3*4" came out as "two times three four"). Lookarounds read them all.
 _MULTIPLY = re.compile(r"(?<=\d)\s?\*\s?(?=\d)")
@@ -61,14 +70,16 @@ _INTEGER = re.compile(r"\d+")
 def normalize_numbers(text: str) -> str:
     """Rewrite every number-like pattern and then every remaining digit run as words."""
     text = _NUMBER_SIGN.sub(r"number \1", text)
+    text = _DOLLAR_MAGNITUDE.sub(_expand_dollar_magnitude, text)
     text = _MAGNITUDE_SUFFIX.sub(_expand_magnitude, text)
     text = _THOUSANDS_GROUPS.sub(lambda match: match.group(0).replace(",", ""), text)
     text = _LIST_COMMA.sub(", ", text)
     text = _DATE.sub(lambda match: " dash ".join(match.groups()), text)
-    text = _PHONE_NUMBER.sub(_expand_phone_number, text)
     text = _TIME.sub(_expand_time, text)
     text = _POUNDS.sub(r"\1 pounds", text)
     text = _DOLLARS.sub(_expand_dollars, text)
+    text = _EUROS.sub(_expand_euros, text)
+    text = _RATIO.sub(r"\1 to \2", text)
     text = _DECIMAL.sub(_expand_decimal, text)
     text = _MULTIPLY.sub(" times ", text)
     text = _SLASH_RUN.sub(lambda match: " slash ".join(match.group(0).split("/")), text)
@@ -98,13 +109,13 @@ def spoken_integer(digits: str) -> str:
     return _inflect().number_to_words(number, andword="", zero="oh", group=2).replace(", ", " ")
 
 
+def _expand_dollar_magnitude(match: re.Match[str]) -> str:
+    magnitude = match.group(2).lower()
+    return f"{match.group(1)} {_MAGNITUDES.get(magnitude, magnitude)} dollars"
+
+
 def _expand_magnitude(match: re.Match[str]) -> str:
     return f"{match.group(1)} {_MAGNITUDES[match.group(2).lower()]}"
-
-
-def _expand_phone_number(match: re.Match[str]) -> str:
-    digits = re.sub(r"\D", "", match.group(0))
-    return ", ".join(" ".join(group) for group in (digits[:3], digits[3:6], digits[6:]))
 
 
 def _clock_field(value: str, when_zero: str) -> str:
@@ -137,16 +148,25 @@ def _expand_time(match: re.Match[str]) -> str:
 
 
 def _expand_dollars(match: re.Match[str]) -> str:
-    amount = match.group(1)
+    return _spoken_amount(match.group(1), "dollar")
+
+
+def _expand_euros(match: re.Match[str]) -> str:
+    if match.group(1) is None:
+        return f"{match.group(2)} euros"
+    return _spoken_amount(match.group(1), "euro")
+
+
+def _spoken_amount(amount: str, currency: str) -> str:
     parts = amount.split(".")
     # Fix: upstream read "$1.5" as "1 dollar, 5 cents" and "$2.475" as "475 cents". One digit
     # after the point is tens of cents; more than two digits are not cents, so the amount is
     # read as a decimal number of dollars, like the malformed "$1.2.3".
     if len(parts) > 2 or (len(parts) == 2 and len(parts[1]) > 2):
-        return f"{amount} dollars"
+        return f"{amount} {currency}s"
     dollars = int(parts[0]) if parts[0] else 0
     cents = int(parts[1].ljust(2, "0")) if len(parts) == 2 else 0
-    dollar_words = f"{dollars} dollar" + ("" if dollars == 1 else "s")
+    dollar_words = f"{dollars} {currency}" + ("" if dollars == 1 else "s")
     cent_words = f"{cents} cent" + ("" if cents == 1 else "s")
     if dollars and cents:
         return f"{dollar_words}, {cent_words}"
@@ -154,7 +174,7 @@ def _expand_dollars(match: re.Match[str]) -> str:
         return dollar_words
     if cents:
         return cent_words
-    return "zero dollars"
+    return f"zero {currency}s"
 
 
 def _expand_decimal(match: re.Match[str]) -> str:
