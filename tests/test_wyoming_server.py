@@ -432,6 +432,8 @@ MALFORMED_INPUT = {
     "non-numeric data_length": b'{"type": "synthesize", "data_length": "lots"}\n',
     "negative payload_length": b'{"type": "synthesize", "payload_length": -4}\n',
     "data that is not an object": b'{"type": "synthesize", "data_length": 4}\n"hi"',
+    "a header nested 30,000 deep": b'{"type": "describe", "data": ' + b"[" * 30_000 + b"\n",
+    "data nested 100,000 deep": b'{"type": "synthesize", "data_length": 100000}\n' + b"[" * 100_000,
 }
 
 
