@@ -25,6 +25,7 @@ from soprano.errors import SopranoError
 from soprano.frontend import (
     add_model_arguments,
     add_sampling_arguments,
+    at_least,
     configure_logging,
     load_tts,
     sampling_kwargs,
@@ -82,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--chunk-size",
-        type=int,
+        type=at_least(1),
         default=1,
         metavar="TOKENS",
         help="tokens per streamed chunk with --stream/--play (default: 1, lowest latency)",
     )
     parser.add_argument(
         "--retries",
-        type=int,
+        type=at_least(0),
         default=0,
         help="regenerate sentences that look hallucinated, up to this many times (file output)",
     )

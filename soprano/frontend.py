@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from soprano.constants import (
     DEFAULT_MODEL,
@@ -19,6 +21,36 @@ from soprano.tts import SopranoTTS
 
 SAMPLING_OPTIONS = ("temperature", "top_p", "repetition_penalty", "seed", "max_new_tokens")
 """The keyword arguments of SopranoTTS.infer/infer_stream that the sampling options fill."""
+
+Number = TypeVar("Number", int, float)
+
+
+def checked(
+    convert: Callable[[str], Number], accept: Callable[[Number], bool], requirement: str
+) -> Callable[[str], Number]:
+    """An argparse `type` that also checks the value, so that a bad one is a usage error (exit
+    code 2, "argument --x: must be ...") before any model loads, not an engine error (1)."""
+
+    def parse(text: str) -> Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    return checked(int, lambda value: value >= minimum, f"an integer >= {minimum}")
+
+
+NON_NEGATIVE = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+POSITIVE = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+PROBABILITY = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+SEED = checked(int, lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,13 +72,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_option_arguments(group)
     group.add_argument(
         "--cache-size",
-        type=int,
+        type=at_least(1),
         metavar="MB",
         help="lmdeploy KV-cache size (default: the engine's)",
     )
     group.add_argument(
         "--decoder-batch-size",
-        type=int,
+        type=at_least(1),
         metavar="N",
         help="sentences decoded together (default: the engine's)",
     )
@@ -61,7 +93,7 @@ def add_backend_option_arguments(group: argparse._ActionsContainer) -> None:
     )
     group.add_argument(
         "--threads",
-        type=int,
+        type=at_least(1),
         metavar="N",
         help="native backend CPU threads (default: one per core)",
     )
@@ -77,23 +109,23 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument(
         "--temperature",
-        type=float,
+        type=NON_NEGATIVE,
         default=DEFAULT_TEMPERATURE,
         help=f"0 is greedy and repeatable (default: {DEFAULT_TEMPERATURE})",
     )
     group.add_argument(
-        "--top-p", type=float, default=DEFAULT_TOP_P, help=f"(default: {DEFAULT_TOP_P})"
+        "--top-p", type=PROBABILITY, default=DEFAULT_TOP_P, help=f"(default: {DEFAULT_TOP_P})"
     )
     group.add_argument(
         "--repetition-penalty",
-        type=float,
+        type=POSITIVE,
         default=DEFAULT_REPETITION_PENALTY,
         help=f"(default: {DEFAULT_REPETITION_PENALTY})",
     )
-    group.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    group.add_argument("--seed", type=SEED, default=None, help="makes sampling repeatable")
     group.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=at_least(1),
         default=MAX_NEW_TOKENS,
         metavar="N",
         help=f"longest audio per sentence, in 64 ms tokens (default: {MAX_NEW_TOKENS})",

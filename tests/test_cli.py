@@ -193,8 +193,6 @@ def test_no_text_on_a_terminal_says_where_text_comes_from(tmp_path: Path) -> Non
         (["--stream", "--retries", "1", "Hello."],
          "soprano: error: --retries works for file output only: streamed audio cannot be taken "
          "back"),
-        (["--temperature", "-1", "--model", "{checkpoint}", "Hello."],
-         "soprano: error: temperature must be a finite number >= 0, got -1.0"),
         (["--play", "--model", "{checkpoint}", "Hello."],
          "soprano: error: --play needs the sounddevice package and the PortAudio library "
          "(pip install 'wyoming-soprano[play]'; on Debian/Ubuntu also: apt install libportaudio2): "
@@ -217,3 +215,52 @@ def test_errors_are_one_line_with_exit_code_1(
     assert captured.out == ""
     assert captured.err == message + "\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got '-1'"),
+        (["--temperature", "inf"],
+         "argument --temperature: must be a finite number >= 0, got 'inf'"),
+        (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got '0'"),
+        (["--repetition-penalty", "0"],
+         "argument --repetition-penalty: must be a finite number > 0, got '0'"),
+        (["--seed", str(2**64)],
+         f"argument --seed: must be an integer from 0 to 2**64 - 1, got '{2**64}'"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got '0'"),
+        (["--chunk-size", "1.5"], "argument --chunk-size: must be an integer >= 1, got '1.5'"),
+        (["--retries", "-1"], "argument --retries: must be an integer >= 0, got '-1'"),
+        (["--threads", "0"], "argument --threads: must be an integer >= 1, got '0'"),
+        (["--cache-size", "x"], "argument --cache-size: must be an integer >= 1, got 'x'"),
+        (["--decoder-batch-size", "0"],
+         "argument --decoder-batch-size: must be an integer >= 1, got '0'"),
+    ],
+)  # fmt: skip
+def test_bad_option_values_exit_2_before_loading_a_model(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = run([*args, "--model", str(tmp_path / "never-loaded"), "Hello."], cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == f"soprano: error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_undecodable_bytes_on_standard_input_are_dropped_quietly(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Standard input decodes undecodable bytes to lone surrogates (surrogateescape, as in
+    the C.UTF-8 locale); unidecode warned about each of them on standard error, even with -q."""
+    noise = bytes(range(0x80, 0x100)) + b" Hello there. " + bytes(range(0xFF, 0x7F, -1))
+    result = run(
+        [*model_args(tiny_checkpoint), "-q", "-o", "noise.wav", *SAMPLING_ARGS],
+        input=noise,
+        stdin=None,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUTF8": "1"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    assert (tmp_path / "noise.wav").stat().st_size > 0

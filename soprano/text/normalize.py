@@ -17,6 +17,9 @@ SENTENCE_ENDINGS = ".!?"
 """Closing punctuation: every prompt ends with one, so that the model ends it with a pause."""
 
 _POUND_SIGN = "£"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""Lone surrogates: undecodable input bytes (stdin's surrogateescape), which unidecode drops too,
+but with a RuntimeWarning each on standard error."""
 # Fix: upstream gave "<3" its heart in step 8, when digits were already words, so it never fired.
 # It is read before the numbers now; "<30" stays a comparison.
 _HEART = re.compile(r"(^| )<3(?!\d)")
@@ -170,6 +173,7 @@ def end_sentence(text: str) -> str:
 def _transliterate(text: str) -> str:
     # Fix: unidecode turns "£" into "PS", so upstream's pounds rule never saw it; the sign is
     # kept through transliteration for the number rules (and dropped later if still unused).
+    text = _SURROGATE.sub("", text)
     return _POUND_SIGN.join(unidecode(part) for part in text.split(_POUND_SIGN))
 
 
