@@ -199,7 +199,7 @@ def download(repo_id: str, cache_dir: str | os.PathLike[str] | None = None) -> P
     try:
         folder = snapshot_download(
             repo_id,
-            cache_dir=cache_dir,
+            cache_dir=None if cache_dir is None else Path(cache_dir),
             allow_patterns=[*REQUIRED_FILES, *OPTIONAL_FILES],
         )
     except Exception as error:  # the hub client raises many types: HTTP, offline, missing repo

@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     pieces: list[torch.Tensor] = []
     try:
         if args.stream or player is not None:
-            sink = _write_stdout if args.stream else player.write
+            sink = player.write if player is not None else _write_stdout
             for chunk in _stream(tts, sentences, args, progress):
                 if not sink(chunk):
                     break

@@ -114,7 +114,11 @@ class VocosBackbone(nn.Module):
         """The frame-mixing steps in order, each with the context it reads on each side."""
         return [
             (self._embed, self.embed_context),
-            *((block, block.context) for block in self.convnext),
+            *(
+                (block, block.context)
+                for block in self.convnext
+                if isinstance(block, ConvNeXtBlock)
+            ),
         ]
 
     @property
@@ -134,7 +138,8 @@ class VocosBackbone(nn.Module):
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv1d, nn.Linear)):
         nn.init.trunc_normal_(module.weight, std=INIT_STD)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class ISTFT(nn.Module):
@@ -142,6 +147,8 @@ class ISTFT(nn.Module):
 
     The DC and Nyquist bins are zeroed first (compatibility decision (d)).
     """
+
+    window: Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -426,9 +433,10 @@ class StreamingDecoder:
         self._pending = []
         if not tokens:
             return torch.zeros(1, self.decoder.input_channels, 0, device=self.decoder.device)
-        continuing = self._previous_frame is not None
-        if continuing:
-            tokens = [self._previous_frame, *tokens]
+        previous = self._previous_frame
+        continuing = previous is not None
+        if previous is not None:
+            tokens = [previous, *tokens]
         self._previous_frame = tokens[-1]
         frames = upsample(torch.stack(tokens, dim=1)[None])
         # The previous token's own frame went out with the previous call.

@@ -251,7 +251,7 @@ def create_app(tts: SopranoTTS, model_name: str, max_input_chars: int = MAX_INPU
             raise ApiError(404, f"The model '{model_id}' does not exist", "model")
         return model_card()
 
-    audio_types = {fmt.media_type: {} for fmt in FORMATS.values()}
+    audio_types: dict[str, dict[str, Any]] = {fmt.media_type: {} for fmt in FORMATS.values()}
     audio_types["text/event-stream"] = {}
 
     @app.post(

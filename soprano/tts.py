@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,7 @@ class SopranoTTS:
         repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
         seed: int | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
-    ) -> Iterator[torch.Tensor]:
+    ) -> Generator[torch.Tensor, None, None]:
         """Yield audio as it is generated; the chunks concatenate to `infer(text)` exactly.
 
         The first chunk follows RECEPTIVE_FIELD + chunk_size tokens of the first sentence; each
@@ -186,7 +186,7 @@ class SopranoTTS:
 
     def _stream(
         self, sentences: list[str], chunk_size: int, params: SamplingParams
-    ) -> Iterator[torch.Tensor]:
+    ) -> Generator[torch.Tensor, None, None]:
         prompts = [self.tokenizer.encode(sentence) for sentence in sentences]
         decoders = [StreamingDecoder(self.decoder, chunk_size) for _ in sentences]
         ready: list[list[torch.Tensor]] = [[] for _ in sentences]

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,7 +58,7 @@ class AudioJob:
         self._loop = asyncio.get_running_loop()
         self._pcm: asyncio.Queue[bytes | SynthesisError | None] = asyncio.Queue()
         self.cancelled = False
-        self.generator: Iterator[torch.Tensor] | None = None
+        self.generator: Generator[torch.Tensor, None, None] | None = None
 
     async def pcm_chunks(self) -> AsyncIterator[bytes]:
         """16-bit PCM in the order the engine yields it; raises SynthesisError on failure."""
@@ -210,7 +210,7 @@ class Synthesizer:
         self._finish(job, None)
         return True
 
-    def _start(self, sentence: str) -> Iterator[torch.Tensor]:
+    def _start(self, sentence: str) -> Generator[torch.Tensor, None, None]:
         return self.tts.infer_stream(
             sentence,
             chunk_size=self.chunk_size,

@@ -42,7 +42,7 @@ def _resolve(host: str) -> str:
     except ValueError:
         pass
     try:
-        return socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+        return str(socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0])
     except OSError as error:
         raise AnnouncementError(f"cannot resolve {host!r}: {error}") from error
 
