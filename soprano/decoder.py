@@ -1,8 +1,9 @@
-"""The Soprano decoder: LM hidden states → 32 kHz waveform (spec §2).
+"""The Soprano decoder: LM hidden states → 32 kHz waveform (docs/decoder.md).
 
 Vocos-style: linear ×4 upsampling, a backbone of ConvNeXt blocks and an iSTFT head. Besides the
-plain forward pass it offers batch decoding with left zero-padding (spec §3.7) and an incremental
-streaming decoder (spec §3.9) that computes every frame once and still equals the offline decode.
+plain forward pass it offers batch decoding with left zero-padding (docs/generation.md) and an
+incremental streaming decoder (docs/decoder.md) that computes every frame once and still equals
+the offline decode.
 
 Every convolution here is a "valid" convolution over a window that carries `context` extra frames
 on each side. Offline decoding pads those frames with zeros (the same as zero-padded convs);
@@ -145,7 +146,7 @@ def _init_weights(module: nn.Module) -> None:
 class ISTFT(nn.Module):
     """Inverse STFT as torch.istft(center=True) computes it, split so that streaming can reuse it.
 
-    The DC and Nyquist bins are zeroed first (compatibility decision (d)).
+    The DC and Nyquist bins are zeroed first (docs/decoder.md, forward).
     """
 
     window: Tensor
@@ -203,7 +204,7 @@ class ISTFTHead(nn.Module):
 
 
 class SopranoDecoder(nn.Module):
-    """Hidden states [B, C, L] → waveform [B, TOKEN_SAMPLES·(L−1)] (spec §2.3).
+    """Hidden states [B, C, L] → waveform [B, TOKEN_SAMPLES·(L−1)] (docs/decoder.md, forward).
 
     Attribute names match the published decoder.pth keys (`decoder.*`, `head.*`).
     """
@@ -231,7 +232,7 @@ class SopranoDecoder(nn.Module):
     def from_state_dict(cls, state: Mapping[str, Tensor]) -> SopranoDecoder:
         """Build the decoder that `state` (a decoder.pth dict) describes and load it strictly.
 
-        The sizes come from the tensor shapes (compatibility decision (b)), so Soprano-1.1-80M
+        The sizes come from the tensor shapes (docs/checkpoint.md), so Soprano-1.1-80M
         (768, embed kernel 1) and Soprano-80M (512, embed kernel 3) both load.
         """
         embed = _shaped(state, "decoder.embed.weight", 3)
@@ -272,7 +273,7 @@ class SopranoDecoder(nn.Module):
 
     @torch.inference_mode()
     def decode(self, sequences: Sequence[Tensor], batch_size: int = 1) -> list[Tensor]:
-        """Decode sentences of [L_i, C] hidden states into 1-D waveforms (spec §3.7).
+        """Decode sentences of [L_i, C] hidden states into 1-D waveforms (docs/generation.md).
 
         Longest first, `batch_size` at a time, each left-padded with zero vectors to the longest
         of its group; the last (L_i−1)·TOKEN_SAMPLES samples are its audio. With padding a
@@ -336,7 +337,7 @@ def _check_state(
 class StreamingDecoder:
     """Decode one sentence frame by frame; the emitted pieces concatenate to the offline decode.
 
-    Audio follows spec §3.9: the first `chunk_size`·TOKEN_SAMPLES samples come out once
+    Audio follows docs/decoder.md: the first `chunk_size`·TOKEN_SAMPLES samples come out once
     RECEPTIVE_FIELD + chunk_size frames are in, then one chunk every `chunk_size` frames, and
     `finish` returns the rest. Unlike upstream, which re-decodes a window of 2·RF + chunk_size
     frames per chunk, each frame goes through the network once: every stage keeps the few input

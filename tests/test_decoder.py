@@ -22,7 +22,7 @@ SMALL = {"input_channels": 32, "dim": 48, "intermediate_dim": 144}
 def published_state(
     dim: int, intermediate_dim: int, embed_kernel: int, input_channels: int = 512, blocks: int = 8
 ) -> dict[str, torch.Tensor]:
-    """A random decoder.pth dict written from the key/shape table of spec §2.2."""
+    """A random decoder.pth dict written from the key/shape table in docs/checkpoint.md."""
     generator = torch.Generator().manual_seed(dim + embed_kernel)
     shapes = {
         "decoder.embed.weight": (dim, input_channels, embed_kernel),
@@ -185,7 +185,7 @@ def numpy_upsample(hidden: np.ndarray) -> np.ndarray:
 
 
 def numpy_head_istft(head_output: np.ndarray) -> np.ndarray:
-    """[2050, T] linear head output → waveform, straight from the formulas of spec §2.3."""
+    """[2050, T] linear head output → waveform, straight from the formulas in docs/decoder.md."""
     bins = N_FFT // 2 + 1
     magnitude = np.minimum(np.exp(head_output[:bins]), 100.0)
     spectrum = magnitude * (np.cos(head_output[bins:]) + 1j * np.sin(head_output[bins:]))

@@ -55,7 +55,7 @@ EVENT_TIMEOUT = 60.0
 """Generous bounds for a loaded machine; they only turn a hang into a failure."""
 
 DESCRIBE_DEADLINE = 1.0
-"""Home Assistant gives each describe attempt one second (spec §5.1)."""
+"""Home Assistant gives each describe attempt one second (docs/wyoming.md, Home Assistant)."""
 
 TEXT = (
     "Hello there, this is the first sentence of our test. Here comes a second sentence "

@@ -1,4 +1,4 @@
-"""`clean_text`: turn any text into what the Soprano LM was trained on (spec §3.2).
+"""`clean_text`: turn any text into what the Soprano LM was trained on (docs/text.md).
 
 The published checkpoints only know lower-case letters, space and a few punctuation marks, so
 everything else is spelled out or dropped. The steps follow upstream's tortoise-derived

@@ -1,4 +1,4 @@
-"""Spoken forms of numbers (spec §3.2 step 4): the model only knows letters, so every digit goes.
+"""Spoken forms of numbers (docs/text.md): the model only knows letters, so every digit goes.
 
 The sub-steps run in the spec's order; each one rewrites digits into a form that the later ones
 (and finally the plain integer rule) turn into words. Deviations from upstream are marked "Fix:".
