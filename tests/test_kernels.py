@@ -110,7 +110,8 @@ def test_a_failed_build_logs_the_compiler_error(
 
 def test_first_error_skips_the_summary_lines():
     output = (
-        "Error building extension 'x': [1/2] c++ -c x.cpp -o x.o\nFAILED: x.o\n"
+        "Error building extension 'x': [1/2] c++ -c x.cpp -o x.o\n"
+        "[1/2] c++ -I/home/error/include -c x.cpp -o x.o\nFAILED: x.o\n"
         "x.cpp:3:5: error: 'y' was not declared in this scope\nx.cpp:9:1: error: later\n"
         "ninja: build stopped: subcommand failed."
     )

@@ -43,7 +43,9 @@ LINK_FLAGS = {"gcc": [], "clang": ["-fopenmp"]}
 """GCC's OpenMP calls resolve to the libgomp that PyTorch loads; clang's (__kmpc_*) need libomp
 (Debian/Ubuntu: apt install libomp-dev), which -fopenmp links."""
 _ERROR_LINE = re.compile(r"\berror\b", re.IGNORECASE)
-_SUMMARY_PREFIX = "Error building extension"
+_NOT_DIAGNOSTICS = ("Error building extension", "[", "FAILED:")
+"""Lines of the build output that name the failure without saying it: PyTorch's summary, ninja's
+commands (whose paths may contain "error") and ninja's list of failed targets."""
 
 
 class BuildError(Exception):
@@ -155,7 +157,7 @@ def first_error(output: str) -> str:
     that mentions an error, else the last line (ninja's own summary says nothing useful)."""
     lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
     for line in lines:
-        if _ERROR_LINE.search(line) and not line.startswith(_SUMMARY_PREFIX):
+        if _ERROR_LINE.search(line) and not line.startswith(_NOT_DIAGNOSTICS):
             return line
     return lines[-1] if lines else ""
 
