@@ -1,8 +1,8 @@
 """Finding and reading a Soprano checkpoint: a local folder or a Hugging Face repo id.
 
-The layout is the published one (spec §1.1): the HF LM files (config.json, model.safetensors,
+The published layout (docs/checkpoint.md): the HF LM files (config.json, model.safetensors,
 tokenizer.json, ...) and decoder.pth side by side. Backbone sizes come from config.json
-(decision (c)); the decoder variant from the shapes in decoder.pth (decision (b)).
+and the decoder variant from the shapes in decoder.pth (docs/checkpoint.md).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Checkpoint:
 
 
 def lm_tensor_shapes(config: LMConfig) -> dict[str, tuple[int, ...]]:
-    """The published Qwen3 tensor names and shapes (spec §1.2)."""
+    """The published Qwen3 tensor names and shapes (docs/checkpoint.md, tensor names)."""
     d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     shapes: dict[str, tuple[int, ...]] = {
@@ -199,7 +199,7 @@ def download(repo_id: str, cache_dir: str | os.PathLike[str] | None = None) -> P
     try:
         folder = snapshot_download(
             repo_id,
-            cache_dir=cache_dir,
+            cache_dir=None if cache_dir is None else Path(cache_dir),
             allow_patterns=[*REQUIRED_FILES, *OPTIONAL_FILES],
         )
     except Exception as error:  # the hub client raises many types: HTTP, offline, missing repo

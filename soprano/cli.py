@@ -25,6 +25,7 @@ from soprano.errors import SopranoError
 from soprano.frontend import (
     add_model_arguments,
     add_sampling_arguments,
+    at_least,
     configure_logging,
     load_tts,
     sampling_params,
@@ -85,14 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--chunk-size",
-        type=int,
+        type=at_least(1),
         default=1,
         metavar="TOKENS",
         help="tokens per streamed chunk with --stream/--play (default: 1, lowest latency)",
     )
     parser.add_argument(
         "--retries",
-        type=int,
+        type=at_least(0),
         default=0,
         help="regenerate sentences that look hallucinated, up to this many times (file output)",
     )
@@ -143,7 +144,7 @@ def _run(args: argparse.Namespace, sampling: SamplingParams) -> int:
     pieces: list[torch.Tensor] = []
     try:
         if args.stream or player is not None:
-            sink = _write_stdout if args.stream else player.write
+            sink = player.write if player is not None else _write_stdout
             for chunk in _stream(tts, sentences, args.chunk_size, sampling, progress):
                 if not sink(chunk):
                     break

@@ -19,12 +19,12 @@ TOKENS_PER_SECOND = SAMPLE_RATE / TOKEN_SAMPLES
 """15.625 audio tokens make one second of audio."""
 
 RECEPTIVE_FIELD = 4
-"""Tokens of right context after which a decoded sample no longer changes (spec §2.5)."""
+"""Tokens of right context after which a decoded sample no longer changes (docs/decoder.md)."""
 
 SAMPLE_WIDTH = 2
 """Bytes per sample of the 16-bit PCM that the frontends send."""
 
-# Token ids of the Soprano vocabulary (spec §1.3).
+# Token ids of the Soprano vocabulary (docs/checkpoint.md, vocabulary).
 UNK_ID = 0
 TEXT_ID = 1
 START_ID = 2
@@ -35,7 +35,7 @@ AUDIO_CODES = 8000
 
 DEFAULT_MODEL = "ekwek/Soprano-1.1-80M"
 
-# Sampling defaults of upstream ≥ 0.1.0 (spec §3.5).
+# Sampling defaults of upstream ≥ 0.1.0 (docs/generation.md, sampling).
 DEFAULT_TEMPERATURE = 0.0
 DEFAULT_TOP_P = 0.95
 DEFAULT_REPETITION_PENALTY = 1.2

@@ -1,8 +1,9 @@
-"""The Soprano decoder: LM hidden states → 32 kHz waveform (spec §2).
+"""The Soprano decoder: LM hidden states → 32 kHz waveform (docs/decoder.md).
 
 Vocos-style: linear ×4 upsampling, a backbone of ConvNeXt blocks and an iSTFT head. Besides the
-plain forward pass it offers batch decoding with left zero-padding (spec §3.7) and an incremental
-streaming decoder (spec §3.9) that computes every frame once and still equals the offline decode.
+plain forward pass it offers batch decoding with left zero-padding (docs/generation.md) and an
+incremental streaming decoder (docs/decoder.md) that computes every frame once and still equals
+the offline decode.
 
 Every convolution here is a "valid" convolution over a window that carries `context` extra frames
 on each side. Offline decoding pads those frames with zeros (the same as zero-padded convs);
@@ -127,7 +128,11 @@ class VocosBackbone(nn.Module):
         """The frame-mixing steps in order, each with the context it reads on each side."""
         return [
             (self._embed, self.embed_context),
-            *((block, block.context) for block in self.convnext),
+            *(
+                (block, block.context)
+                for block in self.convnext
+                if isinstance(block, ConvNeXtBlock)
+            ),
         ]
 
     @property
@@ -147,14 +152,17 @@ class VocosBackbone(nn.Module):
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv1d, nn.Linear)):
         nn.init.trunc_normal_(module.weight, std=INIT_STD)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class ISTFT(nn.Module):
     """Inverse STFT as torch.istft(center=True) computes it, split so that streaming can reuse it.
 
-    The DC and Nyquist bins are zeroed first (compatibility decision (d)).
+    The DC and Nyquist bins are zeroed first (docs/decoder.md, forward).
     """
+
+    window: Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -214,7 +222,7 @@ class ISTFTHead(nn.Module):
 
 
 class SopranoDecoder(nn.Module):
-    """Hidden states [B, C, L] → waveform [B, TOKEN_SAMPLES·(L−1)] (spec §2.3).
+    """Hidden states [B, C, L] → waveform [B, TOKEN_SAMPLES·(L−1)] (docs/decoder.md, forward).
 
     Attribute names match the published decoder.pth keys (`decoder.*`, `head.*`).
     """
@@ -242,7 +250,7 @@ class SopranoDecoder(nn.Module):
     def from_state_dict(cls, state: Mapping[str, Tensor]) -> SopranoDecoder:
         """Build the decoder that `state` (a decoder.pth dict) describes and load it strictly.
 
-        The sizes come from the tensor shapes (compatibility decision (b)), so Soprano-1.1-80M
+        The sizes come from the tensor shapes (docs/checkpoint.md), so Soprano-1.1-80M
         (768, embed kernel 1) and Soprano-80M (512, embed kernel 3) both load.
         """
         embed = _shaped(state, "decoder.embed.weight", 3)
@@ -283,7 +291,7 @@ class SopranoDecoder(nn.Module):
 
     @torch.inference_mode()
     def decode(self, sequences: Sequence[Tensor], batch_size: int = 1) -> list[Tensor]:
-        """Decode sentences of [L_i, C] hidden states into 1-D waveforms (spec §3.7).
+        """Decode sentences of [L_i, C] hidden states into 1-D waveforms (docs/generation.md).
 
         Longest first, `batch_size` at a time, each left-padded with zero vectors to the longest
         of its group; the last (L_i−1)·TOKEN_SAMPLES samples are its audio. With padding a
@@ -466,9 +474,10 @@ class StreamingDecoder:
         self._pending = []
         if not tokens:
             return torch.zeros(1, self.decoder.input_channels, 0, device=self.decoder.device)
-        continuing = self._previous_frame is not None
-        if continuing:
-            tokens = [self._previous_frame, *tokens]
+        previous = self._previous_frame
+        continuing = previous is not None
+        if previous is not None:
+            tokens = [previous, *tokens]
         self._previous_frame = tokens[-1]
         frames = upsample(torch.stack(tokens, dim=1)[None])
         # The previous token's own frame went out with the previous call.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from soprano.constants import (
     DEFAULT_MODEL,
@@ -17,6 +18,31 @@ from soprano.lm import BACKENDS, SamplingParams
 from soprano.lm.native import DTYPES
 from soprano.serving import ServingLimits
 from soprano.tts import SopranoTTS
+
+Number = TypeVar("Number", int, float)
+
+
+def checked(
+    convert: Callable[[str], Number], accept: Callable[[Number], bool], requirement: str
+) -> Callable[[str], Number]:
+    """An argparse `type` that also checks the value, so that a bad one is a usage error (exit
+    code 2, "argument --x: must be ...") before any model loads, not an engine error (1).
+    The sampling options are checked by SamplingParams itself (`sampling_params`)."""
+
+    def parse(text: str) -> Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    return checked(int, lambda value: value >= minimum, f"an integer >= {minimum}")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,13 +64,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_option_arguments(group)
     group.add_argument(
         "--cache-size",
-        type=int,
+        type=at_least(1),
         metavar="MB",
         help="lmdeploy KV-cache size (default: the engine's)",
     )
     group.add_argument(
         "--decoder-batch-size",
-        type=int,
+        type=at_least(1),
         metavar="N",
         help="sentences decoded together (default: the engine's)",
     )
@@ -59,7 +85,7 @@ def add_backend_option_arguments(group: argparse._ActionsContainer) -> None:
     )
     group.add_argument(
         "--threads",
-        type=int,
+        type=at_least(1),
         metavar="N",
         help="native backend CPU threads (default: one per core)",
     )

@@ -243,7 +243,7 @@ def create_app(service: SpeechService, model_name: str) -> FastAPI:
             raise ApiError(404, f"The model '{model_id}' does not exist", "model")
         return model_card()
 
-    audio_types = {fmt.media_type: {} for fmt in FORMATS.values()}
+    audio_types: dict[str, dict[str, Any]] = {fmt.media_type: {} for fmt in FORMATS.values()}
     audio_types["text/event-stream"] = {}
 
     @app.post(

@@ -1,4 +1,4 @@
-"""Prompt construction: `[STOP][TEXT]<normalised sentence>[START]` (spec §1.3)."""
+"""Prompt construction: `[STOP][TEXT]<normalised sentence>[START]` (docs/checkpoint.md, prompt)."""
 
 from __future__ import annotations
 

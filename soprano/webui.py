@@ -129,7 +129,7 @@ class SpeechJob:
         offset = 0
         while True:
             with self._changed:
-                self._changed.wait_for(lambda start=offset: self._done or len(self._data) > start)
+                self._changed.wait_for(lambda: self._done or len(self._data) > offset)  # noqa: B023
                 data = bytes(self._data[offset:])
                 done = self._done
             offset += len(data)

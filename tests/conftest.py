@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from soprano.lm import kernels
 from soprano.testing.make_checkpoint import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def compiled_kernels() -> ModuleType:
+    """The native CPU kernels. Skips where they are not expected (no compiler, SOPRANO_KERNELS=off,
+    not Linux: script/test-no-kernels runs so) and fails where they should have built."""
+    module = kernels.cpu_kernels()
+    if module is None:
+        reason = kernels.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"no native CPU kernels here: {reason}")
+        pytest.fail("the native CPU kernels did not build")
+    return module
 
 
 @pytest.fixture(scope="session")

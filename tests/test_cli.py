@@ -16,6 +16,7 @@ import torch
 from soprano import cli
 from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
+from soprano.lm.base import MAX_SEED
 from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
 from soprano.tts import SopranoTTS
 
@@ -221,17 +222,47 @@ def test_errors_are_one_line_with_exit_code_1(
 
 
 @pytest.mark.parametrize(
-    ("option", "value", "message"),
+    ("args", "message"),
     [
-        ("--temperature", "-1", "temperature must be a finite number >= 0, got -1.0"),
-        ("--top-p", "0", "top_p must be in (0, 1], got 0.0"),
-        ("--seed", str(2**70), "seed must be an integer from 0 to"),
+        (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
+        (["--temperature", "inf"], "temperature must be a finite number >= 0, got inf"),
+        (["--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0, got 0.0"),
+        (["--seed", str(2**64)],
+         f"seed must be an integer from 0 to {MAX_SEED - 1} or None, got {2**64}"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+        (["--chunk-size", "1.5"], "argument --chunk-size: must be an integer >= 1, got '1.5'"),
+        (["--retries", "-1"], "argument --retries: must be an integer >= 0, got '-1'"),
+        (["--threads", "0"], "argument --threads: must be an integer >= 1, got '0'"),
+        (["--cache-size", "x"], "argument --cache-size: must be an integer >= 1, got 'x'"),
+        (["--decoder-batch-size", "0"],
+         "argument --decoder-batch-size: must be an integer >= 1, got '0'"),
     ],
-)
-def test_bad_sampling_values_are_usage_errors_with_exit_code_2(
-    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+)  # fmt: skip
+def test_bad_option_values_exit_2_before_loading_a_model(
+    args: list[str], message: str, tmp_path: Path
 ) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([option, value, "Hello."])
-    assert exit_.value.code == 2
-    assert f"soprano: error: {message}" in capsys.readouterr().err
+    result = run([*args, "--model", str(tmp_path / "never-loaded"), "Hello."], cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == f"soprano: error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_undecodable_bytes_on_standard_input_are_dropped_quietly(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Standard input decodes undecodable bytes to lone surrogates (surrogateescape, as in
+    the C.UTF-8 locale); unidecode warned about each of them on standard error, even with -q."""
+    noise = bytes(range(0x80, 0x100)) + b" Hello there. " + bytes(range(0xFF, 0x7F, -1))
+    result = run(
+        [*model_args(tiny_checkpoint), "-q", "-o", "noise.wav", *SAMPLING_ARGS],
+        input=noise,
+        stdin=None,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUTF8": "1"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    assert (tmp_path / "noise.wav").stat().st_size > 0

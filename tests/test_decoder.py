@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ import torch
 from soprano.constants import HOP_LENGTH, N_FFT, RECEPTIVE_FIELD, TOKEN_SAMPLES, UPSAMPLE_FACTOR
 from soprano.decoder import SopranoDecoder, StreamingDecoder, upsample
 from soprano.errors import ModelLoadError
-from soprano.lm.kernels import cpu_kernels
 from soprano.lm.linear import use_panels
 
 SMALL = {"input_channels": 32, "dim": 48, "intermediate_dim": 144}
@@ -22,7 +22,7 @@ SMALL = {"input_channels": 32, "dim": 48, "intermediate_dim": 144}
 def published_state(
     dim: int, intermediate_dim: int, embed_kernel: int, input_channels: int = 512, blocks: int = 8
 ) -> dict[str, torch.Tensor]:
-    """A random decoder.pth dict written from the key/shape table of spec §2.2."""
+    """A random decoder.pth dict written from the key/shape table in docs/checkpoint.md."""
     generator = torch.Generator().manual_seed(dim + embed_kernel)
     shapes = {
         "decoder.embed.weight": (dim, input_channels, embed_kernel),
@@ -185,7 +185,7 @@ def numpy_upsample(hidden: np.ndarray) -> np.ndarray:
 
 
 def numpy_head_istft(head_output: np.ndarray) -> np.ndarray:
-    """[2050, T] linear head output → waveform, straight from the formulas of spec §2.3."""
+    """[2050, T] linear head output → waveform, straight from the formulas in docs/decoder.md."""
     bins = N_FFT // 2 + 1
     magnitude = np.minimum(np.exp(head_output[:bins]), 100.0)
     spectrum = magnitude * (np.cos(head_output[bins:]) + 1j * np.sin(head_output[bins:]))
@@ -389,14 +389,16 @@ def test_streaming_rejects_bad_use() -> None:
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3])
-def test_cpu_kernels_decode_what_pytorch_decodes(chunk_size: int) -> None:
+def test_cpu_kernels_decode_what_pytorch_decodes(
+    chunk_size: int, compiled_kernels: ModuleType
+) -> None:
     """The native kernels' fp32 panels (as SopranoTTS uses on CPU) change no sample."""
     decoder = small_decoder(1)
     frames = torch.randn(12, SMALL["input_channels"])
     expected = decoder.decode([frames])[0]
     fast = copy.deepcopy(decoder)
     linears = sum(isinstance(m, torch.nn.Linear) for m in fast.modules())
-    assert use_panels(fast, cpu_kernels(), torch.float32) == linears > 0
+    assert use_panels(fast, compiled_kernels, torch.float32) == linears > 0
     assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
     torch.testing.assert_close(fast.decode([frames])[0], expected, atol=1e-5, rtol=0)
     _, pieces = stream(StreamingDecoder(fast, chunk_size), frames)

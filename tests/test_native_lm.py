@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -17,7 +18,6 @@ from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
 from soprano.lm import SamplingParams, kernels, load_language_model
 from soprano.lm.base import Generation, LanguageModel, Step
-from soprano.lm.kernels import cpu_kernels
 from soprano.lm.linear import HalfStoredLinear, PanelLinear, fbgemm_available, replace_linears
 from soprano.lm.native import NativeLM
 from soprano.lm.transformers import TransformersLM
@@ -87,8 +87,9 @@ def linear_kinds(lm: NativeLM) -> set[type]:
     return kinds & {PanelLinear, HalfStoredLinear, torch.nn.Linear}
 
 
-def test_compiled_kernels_are_the_default_on_cpu(checkpoint: Checkpoint):
-    assert cpu_kernels() is not None, "the native CPU kernels did not build"
+def test_compiled_kernels_are_the_default_on_cpu(
+    checkpoint: Checkpoint, compiled_kernels: ModuleType
+):
     lm = NativeLM(checkpoint, CPU)
     assert lm.model.compiled is not None
     assert linear_kinds(lm) == {PanelLinear}
@@ -206,8 +207,8 @@ def linear(weight: torch.Tensor) -> torch.nn.Linear:
     return layer
 
 
-def test_panel_storage_is_exact_or_refused():
-    kernels = cpu_kernels()
+def test_panel_storage_is_exact_or_refused(compiled_kernels: ModuleType):
+    kernels = compiled_kernels
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(96, 80, generator=generator) / 24).bfloat16().float()
     other = (torch.randn(64, 96, generator=generator) / 24).bfloat16().float()
@@ -225,8 +226,8 @@ def test_panel_storage_is_exact_or_refused():
     assert PanelLinear.fits(linear(not_bf16), kernels, storage=torch.float32)
 
 
-def test_a_part_panel_is_padded_and_cut_off():
-    kernels = cpu_kernels()
+def test_a_part_panel_is_padded_and_cut_off(compiled_kernels: ModuleType):
+    kernels = compiled_kernels
     layer = torch.nn.Linear(80, kernels.PANEL_WIDTH + 8)
     (packed,) = PanelLinear.pack_all([layer], kernels, storage=torch.float32)
     assert packed.panels.shape[0] * kernels.PANEL_WIDTH == 2 * kernels.PANEL_WIDTH
@@ -234,8 +235,8 @@ def test_a_part_panel_is_padded_and_cut_off():
     torch.testing.assert_close(packed(x), layer(x), atol=1e-6, rtol=1e-5)
 
 
-def test_float32_panels_with_bias_match_linear():
-    kernels = cpu_kernels()
+def test_float32_panels_with_bias_match_linear(compiled_kernels: ModuleType):
+    kernels = compiled_kernels
     layer = torch.nn.Linear(80, 96)
     (packed,) = PanelLinear.pack_all([layer], kernels, storage=torch.float32)
     assert packed.panels.dtype == torch.float32
@@ -243,8 +244,8 @@ def test_float32_panels_with_bias_match_linear():
     torch.testing.assert_close(packed(x), layer(x), atol=1e-6, rtol=1e-5)
 
 
-def test_bf16_products_round_only_the_input():
-    kernels = cpu_kernels()
+def test_bf16_products_round_only_the_input(compiled_kernels: ModuleType):
+    kernels = compiled_kernels
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(64, 80, generator=generator) / 24).bfloat16().float()
     if not kernels.BF16_PRODUCTS:
@@ -260,9 +261,11 @@ def test_bf16_products_round_only_the_input():
     assert not PanelLinear.fits(linear(weight[:, :79]), kernels, bf16_products=True)  # odd width
 
 
-def test_bfloat16_uses_the_kernels_where_the_cpu_has_bf16_products(checkpoint: Checkpoint):
+def test_bfloat16_uses_the_kernels_where_the_cpu_has_bf16_products(
+    checkpoint: Checkpoint, compiled_kernels: ModuleType
+):
     lm = NativeLM(checkpoint, CPU, dtype="bfloat16")
-    if cpu_kernels().BF16_PRODUCTS:
+    if compiled_kernels.BF16_PRODUCTS:
         assert lm.model.compiled is not None
         panels = {m.panels.dtype for m in lm.model.modules() if isinstance(m, PanelLinear)}
         assert panels == {torch.int32}
@@ -271,10 +274,12 @@ def test_bfloat16_uses_the_kernels_where_the_cpu_has_bf16_products(checkpoint: C
         assert lm.model.norm.dtype == torch.bfloat16
 
 
-def test_compiled_forward_needs_every_weight_to_fit(checkpoint: Checkpoint):
+def test_compiled_forward_needs_every_weight_to_fit(
+    checkpoint: Checkpoint, compiled_kernels: ModuleType
+):
     lm = NativeLM(checkpoint, CPU, kernels=False, half_weights=False)
     lm.model.layers[1].mlp.down_proj.weight.data[0, 0] += 1e-6  # no longer a bf16 value
-    assert not lm.model.use_cpu_kernels(cpu_kernels())
+    assert not lm.model.use_cpu_kernels(compiled_kernels)
     assert lm.model.compiled is None
     assert linear_kinds(lm) == {torch.nn.Linear}
 
@@ -284,6 +289,7 @@ def test_without_a_compiler_the_pytorch_path_runs(
 ):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.delenv(kernels.SWITCH, raising=False)
     with caplog.at_level(logging.WARNING, logger="soprano.lm.kernels"):
         assert kernels.cpu_kernels.__wrapped__() is None
     assert "Could not build the native CPU kernels" in caplog.text

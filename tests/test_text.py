@@ -1,4 +1,4 @@
-"""The text front end: normalisation (spec §3.2), splitting and merging (spec §3.3)."""
+"""The text front end: normalisation, splitting and merging (docs/text.md)."""
 
 from __future__ import annotations
 

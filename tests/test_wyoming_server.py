@@ -56,7 +56,7 @@ EVENT_TIMEOUT = 60.0
 """Generous bounds for a loaded machine; they only turn a hang into a failure."""
 
 DESCRIBE_DEADLINE = 1.0
-"""Home Assistant gives each describe attempt one second (spec §5.1)."""
+"""Home Assistant gives each describe attempt one second (docs/wyoming.md, Home Assistant)."""
 
 TEXT = (
     "Hello there, this is the first sentence of our test. Here comes a second sentence "
@@ -448,6 +448,8 @@ MALFORMED_INPUT = {
     "non-numeric data_length": b'{"type": "synthesize", "data_length": "lots"}\n',
     "negative payload_length": b'{"type": "synthesize", "payload_length": -4}\n',
     "data that is not an object": b'{"type": "synthesize", "data_length": 4}\n"hi"',
+    "a header nested 30,000 deep": b'{"type": "describe", "data": ' + b"[" * 30_000 + b"\n",
+    "data nested 100,000 deep": b'{"type": "synthesize", "data_length": 100000}\n' + b"[" * 100_000,
 }
 
 

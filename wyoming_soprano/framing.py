@@ -3,15 +3,17 @@
 `wyoming.event.async_read_event` turns invalid JSON into a silent disconnect but lets other bad
 input escape as exceptions (a header that is a JSON list, a non-numeric `data_length`, a
 `data_length` larger than what follows) and reads lengths without bounds. This reader accepts
-the same framing (spec §1.1: header line, `data_length` bytes of JSON merged over the header's
-`data`, `payload_length` bytes of payload; inline `data` without `data_length` too) and reports
-everything else as a ProtocolError that the handler answers with an `error` event.
+the same framing (docs/wyoming.md, framing: header line, `data_length` bytes of JSON merged
+over the header's `data`, `payload_length` bytes of payload; inline `data` without
+`data_length` too) and reports everything else as a ProtocolError that the handler answers with
+an `error` event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from wyoming.event import Event
@@ -21,6 +23,14 @@ MAX_DATA_BYTES = 1 << 20
 
 MAX_PAYLOAD_BYTES = 1 << 20
 """Largest payload accepted; a TTS server receives none, but must read past it."""
+
+MAX_NESTING = 32
+"""Deepest JSON nesting accepted; events need a few levels, and Python's parser recurses (a
+RecursionError from 30,000 levels would escape as a crash of the connection's task)."""
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = frozenset(b"[]{}")
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in _BRACKETS)
 
 
 class ProtocolError(Exception):
@@ -56,13 +66,32 @@ async def read_event(reader: asyncio.StreamReader) -> Event | None:
 
 
 def _parse_object(raw: bytes, what: str) -> dict[str, Any]:
+    if _nesting(raw) > MAX_NESTING:
+        raise ProtocolError(f"{what} is nested deeper than {MAX_NESTING} levels")
     try:
         value = json.loads(raw)
-    except ValueError as error:
-        raise ProtocolError(f"{what} is not valid UTF-8 JSON") from error
+    except UnicodeDecodeError as error:
+        raise ProtocolError(f"{what} is not valid UTF-8") from error
+    except json.JSONDecodeError as error:
+        raise ProtocolError(f"{what} is not valid JSON: {error}") from error
+    except ValueError as error:  # the only other: an integer longer than Python converts
+        detail = str(error).split(";")[0]  # "Exceeds the limit (4300 digits) ...: value has N"
+        raise ProtocolError(f"{what} has an integer with too many digits ({detail})") from error
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} is not a JSON object")
     return value
+
+
+def _nesting(raw: bytes) -> int:
+    """How deeply the JSON text's arrays and objects nest (brackets inside strings aside), or 0
+    where it has too few brackets to nest deeper than MAX_NESTING (the usual case: no scan)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_NESTING:
+        return 0
+    depth = deepest = 0
+    for bracket in _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS):
+        depth += 1 if bracket in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _length(header: dict[str, Any], key: str, limit: int) -> int:

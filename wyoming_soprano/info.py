@@ -1,7 +1,7 @@
 """The `info` answer to `describe`: one TTS program with one English voice.
 
 Home Assistant raises on a missing required field, loads nothing for a program without an
-installed voice with a language, and shows `description or name` (spec §2.1, §5.2).
+installed voice with a language, and shows `description or name` (docs/wyoming.md, info).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Announcing the server as `_wyoming._tcp.local.` so that Home Assistant discovers it.
 
-Home Assistant drops announcements whose only address is unspecified or link-local (spec §4.2),
+Home Assistant drops announcements with only unspecified or link-local addresses (docs/wyoming.md),
 and wyoming's own HomeAssistantZeroconf advertises the bind address, i.e. `0.0.0.0` for the usual
 `tcp://0.0.0.0:10200`, and cannot withdraw its record. So the address is chosen here: an
 explicit `--zeroconf-host`, else the bound address, else (bound to all interfaces) the address
@@ -42,7 +42,7 @@ def _resolve(host: str) -> str:
     except ValueError:
         pass
     try:
-        return socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+        return str(socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0])
     except OSError as error:
         raise AnnouncementError(f"cannot resolve {host!r}: {error}") from error
 

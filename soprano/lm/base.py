@@ -1,7 +1,7 @@
 """The interface every language-model backend implements.
 
 A backend turns prompts into audio tokens and, for each token, the post-norm last-layer hidden
-state whose logits produced it (compatibility decision (a)). Everything downstream (batching of
+state whose logits produced it (docs/generation.md, alignment). Everything downstream (batching of
 sentences, streaming, decoding) is written against `LanguageModel.stream`, so one step loop serves
 offline and streaming inference and their outputs agree.
 """

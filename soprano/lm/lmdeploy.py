@@ -3,7 +3,7 @@
 lmdeploy runs its own sampler, so its tokens can differ from the step-loop backends under sampling;
 under greedy decoding they agree up to bf16 rounding. Hidden states come from
 `output_last_hidden_state="generation"`: one post-norm state per generated token, the state that
-produced it (decision (a)), including the one that produced [STOP], which is dropped downstream.
+produced it (docs/generation.md), including the one that produced [STOP], dropped downstream.
 """
 
 from __future__ import annotations

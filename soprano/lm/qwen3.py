@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soprano.checkpoint import LMConfig
-from soprano.lm.linear import add_projection, use_panels
+from soprano.lm.linear import PanelLinear, add_projection, use_panels
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -38,6 +39,9 @@ class RotaryEmbedding(nn.Module):
 
     rotate_half(x) · sin == roll(x, hd/2) · signed_sin, which saves a negation and a concat.
     """
+
+    cos: Tensor
+    signed_sin: Tensor
 
     def __init__(self, head_dim: int, theta: float, length: int) -> None:
         super().__init__()
@@ -173,6 +177,29 @@ class Block(nn.Module):
         return self.mlp(x, rms_norm(x, self.post_attention_norm, self.eps))
 
 
+class CompiledForward(Protocol):
+    """The kernels' Qwen3Forward (soprano/lm/csrc/qwen3_cpu.cpp): `Qwen3.forward` in one call."""
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        visible: Tensor,
+        cos: Tensor,
+        signed_sin: Tensor,
+        start: int,
+    ) -> Tensor: ...
+
+
+def _panels(layer: nn.Module) -> Tensor:
+    """A projection's panels; `use_panels(..., all_or_none=True)` has made each a PanelLinear."""
+    if not isinstance(layer, PanelLinear):
+        raise TypeError(f"expected a PanelLinear, got {type(layer).__name__}")
+    return layer.panels
+
+
 class Qwen3(nn.Module):
     """Token ids in, post-final-norm hidden states out; `logits` applies the LM head."""
 
@@ -184,8 +211,12 @@ class Qwen3(nn.Module):
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = self._new_rope(config)
-        self.compiled: object | None = None
+        self.compiled: CompiledForward | None = None
         """The compiled forward (`use_cpu_kernels`), or None to run the PyTorch one."""
+
+    def blocks(self) -> list[Block]:
+        """The layers as what they are (nn.ModuleList only knows them as Modules)."""
+        return [block for block in self.layers if isinstance(block, Block)]
 
     @classmethod
     def from_hf_state(cls, config: LMConfig, state: dict[str, Tensor]) -> Qwen3:
@@ -312,14 +343,14 @@ class Qwen3(nn.Module):
             [
                 [
                     block.input_norm,
-                    block.attn.qkv_proj.panels,
+                    _panels(block.attn.qkv_proj),
                     block.attn.qk_norm,
-                    block.attn.o_proj.panels,
+                    _panels(block.attn.o_proj),
                     block.post_attention_norm,
-                    block.mlp.gate_up_proj.panels,
-                    block.mlp.down_proj.panels,
+                    _panels(block.mlp.gate_up_proj),
+                    _panels(block.mlp.down_proj),
                 ]
-                for block in self.layers
+                for block in self.blocks()
             ],
             self.norm,
         )

@@ -29,7 +29,8 @@ class TransformersLM(LanguageModel):
             model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype)
         except (OSError, ValueError, RuntimeError) as error:
             raise ModelLoadError(f"transformers cannot load {checkpoint.path}: {error}") from error
-        self.model = model.to(device).eval()
+        # transformers types `to` by functools.wraps(nn.Module.to), which mypy reads as unbound.
+        self.model = model.to(device).eval()  # type: ignore[arg-type]
         self.device = device
         self.hidden_size = checkpoint.config.hidden_size
         self.vocab_size = checkpoint.config.vocab_size

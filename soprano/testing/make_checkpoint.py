@@ -29,7 +29,7 @@ from soprano.constants import AUDIO_CODES, AUDIO_TOKEN_OFFSET, START_ID, STOP_ID
 from soprano.decoder import SopranoDecoder
 
 TEXT_CHARACTERS = " !\"$%&'*+,-./0123456789<>?_abcdefghijklmnopqrstuvwxyz"
-"""The single characters of the published vocabulary (spec §1.3), without its 135 merges."""
+"""The single characters of the published vocabulary (docs/checkpoint.md), not its 135 merges."""
 
 INITIALIZER_RANGE = 1 / 24
 """Standard deviation of the random weights, as in the published config.json."""

@@ -1,4 +1,4 @@
-"""The text front end: raw text in, normalised sentences for the LM out (spec §3.2, §3.3)."""
+"""The text front end: raw text in, normalised sentences for the LM out (docs/text.md)."""
 
 from soprano.text.normalize import clean_text
 from soprano.text.prepare import prepare_text

@@ -1,4 +1,4 @@
-"""`clean_text`: turn any text into what the Soprano LM was trained on (spec §3.2).
+"""`clean_text`: turn any text into what the Soprano LM was trained on (docs/text.md).
 
 The published checkpoints only know lower-case letters, space and a few punctuation marks, so
 everything else is spelled out or dropped. The steps follow upstream's tortoise-derived
@@ -34,6 +34,9 @@ _HEART_SYMBOL = re.compile("\\s*[❤♥]\ufe0f?\\s*")
 _ARROW = re.compile("\\s*[→⟶⇒]\\s*")
 # Fix: "--" is a dash, read as a pause like "—" (upstream read it as a minus before a digit).
 _DOUBLE_HYPHEN = re.compile(r"(?<=\w)-{2,}(?=\w)|(?<=[\w.,!?]) +-{2,}(?: +|$)")  # not "--flag"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""Lone surrogates: undecodable input bytes (stdin's surrogateescape), which unidecode drops too,
+but with a RuntimeWarning each on standard error."""
 # Fix: upstream gave "<3" its heart in step 8, when digits were already words, so it never fired.
 # It is read before the numbers now; "<30" stays a comparison.
 _HEART = re.compile(r"(^| )<3(?!\d)")
@@ -200,6 +203,7 @@ def end_sentence(text: str) -> str:
 
 
 def _transliterate(text: str) -> str:
+    text = _SURROGATE.sub("", text)
     # Fix: unidecode turns "£" into "PS", so upstream's pounds rule never saw it; the sign is
     # kept through transliteration for the number rules (and dropped later if still unused).
     # The euro sign likewise (unidecode made it "EUR").

@@ -1,4 +1,4 @@
-"""Spoken forms of numbers (spec §3.2 step 4): the model only knows letters, so every digit goes.
+"""Spoken forms of numbers (docs/text.md): the model only knows letters, so every digit goes.
 
 The sub-steps run in the spec's order; each one rewrites digits into a form that the later ones
 (and finally the plain integer rule) turn into words. Deviations from upstream are marked "Fix:".
@@ -86,27 +86,35 @@ def normalize_numbers(text: str) -> str:
     text = _DIVIDE.sub(" over ", text)
     text = _ADD.sub(" plus ", text)
     text = _SUBTRACT.sub(" minus ", text)
-    text = _ORDINAL.sub(lambda match: _inflect().number_to_words(match.group(0), andword=""), text)
+    text = _ORDINAL.sub(lambda match: _words(match.group(0), andword=""), text)
     # Upstream ran its consuming split twice to reach every boundary; lookarounds need one pass.
     text = _LETTER_DIGIT_BOUNDARY.sub(" ", text)
     return _INTEGER.sub(lambda match: spoken_integer(match.group(0)), text)
+
+
+def _words(number: int | str, andword: str = "and", zero: str = "zero", group: int = 0) -> str:
+    """inflect's number_to_words, which returns a list only when asked (wantlist=True)."""
+    words = _inflect().number_to_words(str(number), andword=andword, zero=zero, group=group)
+    if not isinstance(words, str):
+        raise TypeError(f"inflect returned {type(words).__name__} for {number!r}")
+    return words
 
 
 def spoken_integer(digits: str) -> str:
     """Say a digit run the way people read it: 1999 as a year, 1100 as "eleven hundred"."""
     if len(digits) > MAX_SPOKEN_DIGITS:
         # Fix: upstream crashed here (inflect's range ends at 36 digits).
-        return " ".join(_inflect().number_to_words(digit) for digit in digits)
+        return " ".join(_words(digit) for digit in digits)
     number = int(digits)
     if not 1000 < number < 3000:
-        return _inflect().number_to_words(number, andword="")
+        return _words(number, andword="")
     if number == 2000:
         return "two thousand"
     if 2000 < number < 2010:
-        return "two thousand " + _inflect().number_to_words(number % 100)
+        return "two thousand " + _words(number % 100)
     if number % 100 == 0:
-        return _inflect().number_to_words(number // 100) + " hundred"
-    return _inflect().number_to_words(number, andword="", zero="oh", group=2).replace(", ", " ")
+        return _words(number // 100) + " hundred"
+    return _words(number, andword="", zero="oh", group=2).replace(", ", " ")
 
 
 def _expand_dollar_magnitude(match: re.Match[str]) -> str:

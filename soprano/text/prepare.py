@@ -7,7 +7,7 @@ from soprano.text.split import merge_short_sentences, split_sentences
 
 
 def prepare_text(text: str) -> list[str]:
-    """Normalise, split and merge text as upstream's `_preprocess_text` (spec §3.1, §3.3).
+    """Normalise, split and merge text as upstream's `_preprocess_text` (docs/text.md).
 
     Every sentence ends with ". ! ?": a piece cut at the length cap gets a period, so the model
     closes it with a pause. Text with nothing to say (empty, blank, bare punctuation) gives [].

@@ -1,4 +1,4 @@
-"""Sentence splitting and the minimum-length merge (spec §3.3).
+"""Sentence splitting and the minimum-length merge (docs/text.md).
 
 The LM is prompted one sentence at a time: the length cap bounds each prompt and its generation,
 and the merge spares the model prompts of only a word or two.
@@ -90,7 +90,7 @@ def merge_short_sentences(
     min_length: int = MIN_SENTENCE_LENGTH,
     max_length: int = MAX_SENTENCE_LENGTH,
 ) -> list[str]:
-    """Join sentences shorter than `min_length` to a neighbour (spec §3.3).
+    """Join sentences shorter than `min_length` to a neighbour (docs/text.md, merging).
 
     A short sentence is appended to the previous one; the first one is put in front of the
     next one; a short last sentence with nothing before it stays alone.
