@@ -184,12 +184,11 @@ class CompiledForward(Protocol):
         self,
         tokens: Tensor,
         positions: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        visible: Tensor,
+        owners: Tensor,
+        keys: list[Tensor],
+        values: list[Tensor],
         cos: Tensor,
         signed_sin: Tensor,
-        start: int,
     ) -> Tensor: ...
 
 

@@ -169,10 +169,10 @@ class Scheduler:
             # Something in the step failed: each request tries alone, so that only the one
             # that fails again ends (rows are independent, so this changes no bits).
             for job in dict.fromkeys(job for job, _ in chosen):
-                error = self._advance([row for row in chosen if row[0] is job])
-                if error is not None:
-                    _LOGGER.error("Generation failed for a request: %s", error)
-                    self._drop(job, error)
+                failure = self._advance([row for row in chosen if row[0] is job])
+                if failure is not None:
+                    _LOGGER.error("Generation failed for a request: %s", failure)
+                    self._drop(job, failure)
         for job in dict.fromkeys(job for job, _ in chosen):
             if not job.finished:
                 self._release(job)
