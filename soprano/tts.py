@@ -26,13 +26,13 @@ from soprano.constants import (
     MAX_NEW_TOKENS,
     SAMPLE_RATE,
 )
+from soprano.cpu.kernels import cpu_kernels
+from soprano.cpu.linear import use_panels
 from soprano.decoder import ChunkSchedule, SopranoDecoder
 from soprano.device import select_device
 from soprano.errors import ModelLoadError
 from soprano.hallucination import looks_hallucinated, warn_cut
 from soprano.lm import Generation, SamplingParams, load_language_model, select_backend
-from soprano.lm.kernels import cpu_kernels
-from soprano.lm.linear import use_panels
 from soprano.serving.scheduler import Scheduler
 from soprano.text import prepare_text
 from soprano.tokenizer import PromptTokenizer

@@ -7,7 +7,7 @@ from types import ModuleType
 
 import pytest
 
-from soprano.lm import kernels
+from soprano.cpu import kernels
 from soprano.testing.make_checkpoint import make_checkpoint
 
 

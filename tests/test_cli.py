@@ -13,7 +13,7 @@ import pytest
 import soundfile
 import torch
 
-from soprano import cli
+from soprano.apps import cli
 from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 from soprano.lm.base import MAX_SEED

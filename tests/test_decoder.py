@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from soprano.constants import HOP_LENGTH, N_FFT, RECEPTIVE_FIELD, TOKEN_SAMPLES, UPSAMPLE_FACTOR
+from soprano.cpu.linear import use_panels
 from soprano.decoder import SopranoDecoder, StreamingDecoder, upsample
 from soprano.errors import ModelLoadError
-from soprano.lm.linear import use_panels
 
 SMALL = {"input_channels": 32, "dim": 48, "intermediate_dim": 144}
 """Small dims for fast tests; 8 blocks as published, so the receptive field is the real one."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from soprano.lm import kernels
+from soprano.cpu import kernels
 
 BUILD_TIMEOUT = 240.0
 """Generous for a loaded machine; it only turns a hang into a failure."""
@@ -49,7 +49,7 @@ PyMODINIT_FUNC INIT_OF(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&mod
 BUILD_AND_CALL = """
 import sys
 from pathlib import Path
-from soprano.lm.kernels import COMPILE_FLAGS, LINK_FLAGS, load_extension
+from soprano.cpu.kernels import COMPILE_FLAGS, LINK_FLAGS, load_extension
 name, source, family = sys.argv[1:]
 module = load_extension(name, Path(source), COMPILE_FLAGS[family], LINK_FLAGS[family])
 print(module.threads())
@@ -98,7 +98,7 @@ def test_a_failed_build_logs_the_compiler_error(
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     monkeypatch.delenv(kernels.SWITCH, raising=False)
     monkeypatch.setattr(kernels, "SOURCE", broken)
-    with caplog.at_level(logging.DEBUG, logger="soprano.lm.kernels"):
+    with caplog.at_level(logging.DEBUG, logger="soprano.cpu.kernels"):
         assert kernels.cpu_kernels.__wrapped__() is None
     [warning] = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert "Could not build the native CPU kernels" in warning.getMessage()
@@ -125,7 +125,7 @@ def test_the_switch_turns_the_kernels_off_without_a_build(
 ):
     monkeypatch.setenv(kernels.SWITCH, value)
     monkeypatch.setattr(kernels, "load_extension", pytest.fail)
-    with caplog.at_level(logging.INFO, logger="soprano.lm.kernels"):
+    with caplog.at_level(logging.INFO, logger="soprano.cpu.kernels"):
         assert kernels.cpu_kernels.__wrapped__() is None
     assert caplog.messages == [f"SOPRANO_KERNELS={value}: the native backend runs its PyTorch path"]
     assert kernels.unavailable_reason() == f"SOPRANO_KERNELS={value}"
@@ -137,7 +137,7 @@ def test_other_systems_use_the_pytorch_path_with_one_line(
     monkeypatch.delenv(kernels.SWITCH, raising=False)
     monkeypatch.setattr(kernels.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(kernels, "load_extension", pytest.fail)
-    with caplog.at_level(logging.INFO, logger="soprano.lm.kernels"):
+    with caplog.at_level(logging.INFO, logger="soprano.cpu.kernels"):
         assert kernels.cpu_kernels.__wrapped__() is None
     assert len(caplog.messages) == 1
     assert "Linux only (this is Darwin)" in caplog.messages[0]
@@ -149,7 +149,7 @@ def test_no_compiler_is_reported_as_such(
     monkeypatch.delenv(kernels.SWITCH, raising=False)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(kernels, "load_extension", pytest.fail)
-    with caplog.at_level(logging.WARNING, logger="soprano.lm.kernels"):
+    with caplog.at_level(logging.WARNING, logger="soprano.cpu.kernels"):
         assert kernels.cpu_kernels.__wrapped__() is None
     assert "no working C++ compiler (CXX=" in caplog.text
     assert "no working C++ compiler" in str(kernels.unavailable_reason())

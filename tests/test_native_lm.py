@@ -16,9 +16,9 @@ import torch
 import soprano.lm.native as native_module
 from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
+from soprano.cpu.linear import HalfStoredLinear, PanelLinear, fbgemm_available, replace_linears
 from soprano.lm import SamplingParams, kernels, load_language_model
 from soprano.lm.base import Generation, LanguageModel, Step
-from soprano.lm.linear import HalfStoredLinear, PanelLinear, fbgemm_available, replace_linears
 from soprano.lm.native import NativeLM
 from soprano.lm.transformers import TransformersLM
 from soprano.tokenizer import PromptTokenizer
@@ -290,7 +290,7 @@ def test_without_a_compiler_the_pytorch_path_runs(
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.delenv(kernels.SWITCH, raising=False)
-    with caplog.at_level(logging.WARNING, logger="soprano.lm.kernels"):
+    with caplog.at_level(logging.WARNING, logger="soprano.cpu.kernels"):
         assert kernels.cpu_kernels.__wrapped__() is None
     assert "Could not build the native CPU kernels" in caplog.text
 

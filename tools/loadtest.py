@@ -265,8 +265,8 @@ def server_pair(
     wyoming_port, http_port = ports[mode]
     wyoming = [sys.executable, "-m", "wyoming_soprano", "--uri", f"tcp://127.0.0.1:{wyoming_port}",
                "--max-new-tokens", str(tokens)]  # fmt: skip
-    http = [sys.executable, "-m", "soprano.server", "--port", str(http_port), "--log-level",
-            "warning"]  # fmt: skip
+    http = [sys.executable, "-m", "soprano.apps.http_server", "--port", str(http_port),
+            "--log-level", "warning"]  # fmt: skip
     _log(f"starting the servers ({mode})…")
     with (
         server(wyoming + common + modes[mode], "Ready on"),

@@ -17,9 +17,7 @@ from wyoming.event import async_get_stdin, async_get_stdout
 from wyoming.server import AsyncServer, AsyncStdioServer, AsyncTcpServer, HandlerFactory
 
 from soprano import SopranoTTS
-from soprano.constants import DEFAULT_MODEL, TOKEN_SAMPLES
-from soprano.errors import SopranoError
-from soprano.frontend import (
+from soprano.apps.options import (
     add_backend_option_arguments,
     add_sampling_arguments,
     add_serving_arguments,
@@ -27,6 +25,8 @@ from soprano.frontend import (
     sampling_params,
     serving_limits,
 )
+from soprano.constants import DEFAULT_MODEL, TOKEN_SAMPLES
+from soprano.errors import SopranoError
 from soprano.lm import BACKENDS, SamplingParams
 from soprano.serving import SpeechService
 from wyoming_soprano import __version__

@@ -17,15 +17,15 @@ import torch
 
 from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
-from soprano.errors import BackendUnavailableError
-from soprano.lm.base import LanguageModel, SamplingParams, SequenceBatch, Step
-from soprano.lm.kernels import cpu_kernels
-from soprano.lm.linear import (
+from soprano.cpu.kernels import cpu_kernels
+from soprano.cpu.linear import (
     DynamicInt8Linear,
     HalfStoredLinear,
     fbgemm_available,
     replace_linears,
 )
+from soprano.errors import BackendUnavailableError
+from soprano.lm.base import LanguageModel, SamplingParams, SequenceBatch, Step
 from soprano.lm.qwen3 import Qwen3, SequenceCache
 from soprano.lm.sampling import TokenSampler
 
@@ -40,7 +40,7 @@ class NativeLM(LanguageModel):
     - dtype: 'float32' (exact: the arithmetic of the transformers backend in fp32), 'bfloat16'
       or 'int8' (dynamic int8 quantisation, CPU only); the last two trade accuracy for speed.
       On CPUs with AVX512-BF16 the kernels run 'bfloat16' as bf16 products summed in fp32.
-    - kernels: on CPUs, run the forward in the compiled kernels of soprano/lm/csrc (built on
+    - kernels: on CPUs, run the forward in the compiled kernels of soprano/cpu/csrc (built on
       first use; same results as without).
     - half_weights: where the kernels are off or cannot be built, on x86 CPUs, hold float32
       weights as exactly-representable fp16 for FBGEMM (same results, half the memory traffic).

@@ -6,7 +6,7 @@ q/k/v and gate/up are fused into one matmul each. A forward takes a ragged batch
 of any number of sequences, each with a KV cache of its own, so sequences can join a running
 batch (their prompt is one more run of tokens in the next call) and leave it at any step.
 
-On CPUs, `use_cpu_kernels` hands the forward to the compiled kernels of soprano/lm/csrc, which do
+On CPUs, `use_cpu_kernels` hands the forward to the compiled kernels of soprano/cpu/csrc, which do
 the same arithmetic without a kernel launch per small operation.
 """
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soprano.checkpoint import LMConfig
-from soprano.lm.linear import PanelLinear, add_projection, use_panels
+from soprano.cpu.linear import PanelLinear, add_projection, use_panels
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -178,7 +178,7 @@ class Block(nn.Module):
 
 
 class CompiledForward(Protocol):
-    """The kernels' Qwen3Forward (soprano/lm/csrc/qwen3_cpu.cpp): `Qwen3.forward` in one call."""
+    """The kernels' Qwen3Forward (soprano/cpu/csrc/qwen3_cpu.cpp): `Qwen3.forward` in one call."""
 
     def forward(
         self,

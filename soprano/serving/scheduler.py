@@ -12,7 +12,7 @@ long text cannot starve a short one, and more requests than rows take turns. A r
 consumer has not taken `max_buffered_samples` of its audio gets no rows until it does
 (backpressure: a client that stops reading stops its generation).
 
-Exactness: the rows of a step are computed independently of each other (soprano/lm/csrc, and
+Exactness: the rows of a step are computed independently of each other (soprano/cpu/csrc, and
 `decode_streams`), and each sentence's chunks follow its own `ChunkSchedule`, never the load.
 So under greedy decoding a sentence's audio is the same bits whatever shares its steps.
 

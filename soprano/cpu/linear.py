@@ -4,7 +4,7 @@ At one to a few sequences a decode step is a matrix-vector product per weight ma
 is the speed of streaming the weights from memory. Four storages:
 
 - `PanelLinear` (the exact default on CPUs where the native kernels build): the checkpoint's bf16
-  weights as they are, in panels for our own GEMM (soprano/lm/csrc), which widens them to fp32
+  weights as they are, in panels for our own GEMM (soprano/cpu/csrc), which widens them to fp32
   (exactly) and multiplies and sums in fp32. Half the memory traffic of fp32 weights, and the
   storage the compiled forward reads. With bf16 products (lossy) it also rounds x to bf16. The
   decoder's fp32 weights use it too, as fp32 panels.

@@ -7,7 +7,7 @@
 // the checkpoint's values) and everything between two matrix products runs in plain loops.
 //
 // Written with GCC/Clang vector extensions, so the compiler picks AVX-512, AVX2 or NEON for the
-// machine it is built on (soprano/lm/kernels.py compiles this file with -march=native).
+// machine it is built on (soprano/cpu/kernels.py compiles this file with -march=native).
 
 #include <torch/extension.h>
 

@@ -1,4 +1,4 @@
-"""The native backend's compiled CPU kernels (soprano/lm/csrc/qwen3_cpu.cpp).
+"""The native backend's compiled CPU kernels (soprano/cpu/csrc/qwen3_cpu.cpp).
 
 They are built on first use for the CPU at hand (-march=native) with PyTorch's extension builder,
 and cached (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions); later loads take a
@@ -198,7 +198,7 @@ def compiler_family(version: str) -> str:
 
 
 def main() -> int:
-    """`python -m soprano.lm.kernels`: build now (as script/setup does) rather than on first use."""
+    """`python -m soprano.cpu.kernels`: build now (as script/setup does), not on first use."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kernels = cpu_kernels()
     if kernels is None:

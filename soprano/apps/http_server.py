@@ -29,6 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from soprano.apps.options import (
+    add_model_arguments,
+    add_serving_arguments,
+    configure_logging,
+    load_tts,
+    serving_limits,
+)
 from soprano.constants import (
     DEFAULT_REPETITION_PENALTY,
     DEFAULT_TEMPERATURE,
@@ -39,13 +46,6 @@ from soprano.constants import (
 )
 from soprano.encoding import FORMATS, encode_audio, require_encoder, stream_encoder
 from soprano.errors import SopranoError
-from soprano.frontend import (
-    add_model_arguments,
-    add_serving_arguments,
-    configure_logging,
-    load_tts,
-    serving_limits,
-)
 from soprano.lm import SamplingParams
 from soprano.serving import ServerBusyError, SpeechService, SpeechStream, SynthesisError
 from soprano.text import prepare_text

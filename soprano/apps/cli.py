@@ -18,11 +18,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from soprano.audio import to_pcm16
-from soprano.constants import SAMPLE_RATE
-from soprano.encoding import format_for_path, require_encoder, write_audio
-from soprano.errors import SopranoError
-from soprano.frontend import (
+from soprano.apps.options import (
     add_model_arguments,
     add_sampling_arguments,
     at_least,
@@ -30,6 +26,10 @@ from soprano.frontend import (
     load_tts,
     sampling_params,
 )
+from soprano.audio import to_pcm16
+from soprano.constants import SAMPLE_RATE
+from soprano.encoding import format_for_path, require_encoder, write_audio
+from soprano.errors import SopranoError
 from soprano.lm import SamplingParams
 from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
 from soprano.text import prepare_text

@@ -25,10 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from soprano.constants import SAMPLE_RATE
-from soprano.encoding import FORMATS, require_encoder, stream_encoder
-from soprano.errors import SopranoError
-from soprano.frontend import (
+from soprano.apps.options import (
     add_model_arguments,
     add_sampling_arguments,
     add_serving_arguments,
@@ -37,6 +34,9 @@ from soprano.frontend import (
     sampling_params,
     serving_limits,
 )
+from soprano.constants import SAMPLE_RATE
+from soprano.encoding import FORMATS, require_encoder, stream_encoder
+from soprano.errors import SopranoError
 from soprano.lm import SamplingParams
 from soprano.serving import SpeechService
 from soprano.text import prepare_text
