@@ -16,8 +16,9 @@ import torch
 import soprano.lm.native as native_module
 from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
+from soprano.cpu import kernels
 from soprano.cpu.linear import HalfStoredLinear, PanelLinear, fbgemm_available, replace_linears
-from soprano.lm import SamplingParams, kernels, load_language_model
+from soprano.lm import SamplingParams, load_language_model
 from soprano.lm.base import Generation, LanguageModel, Step
 from soprano.lm.native import NativeLM
 from soprano.lm.transformers import TransformersLM

@@ -3,6 +3,10 @@
 Greedy decoding on a checkpoint that never says [STOP], so every sentence has a known length and
 equal inputs must give equal bits. The Scheduler is driven step by step here, so the tests decide
 exactly when requests join, leave and read; `SpeechService` runs it on its own thread.
+
+With the compiled kernels a request's audio is the same bytes whatever shares its batch. Their
+PyTorch fallback (script/test-no-kernels) multiplies with GEMMs whose rounding depends on the
+batch's shape, so there the audio is compared within PYTORCH_TOLERANCE instead.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,9 +39,25 @@ SENTENCE = "The sentence whose audio must not depend on its neighbours."
 OTHERS = [f"Another request, number {n}, shares the batch for a while." for n in range(15)]
 
 
+PYTORCH_TOLERANCE = 2
+"""PCM steps (of 32767) a sample may move on the PyTorch path when its batch changes."""
+
+
 @pytest.fixture(scope="module")
 def tts(endless_checkpoint: Path) -> SopranoTTS:
     return SopranoTTS(device="cpu", model_path=endless_checkpoint)
+
+
+def assert_same_audio(tts: SopranoTTS, actual: bytes, expected: bytes) -> None:
+    """Byte for byte on the compiled kernels; within PYTORCH_TOLERANCE on the PyTorch path."""
+    if getattr(tts.lm, "model", None) is not None and tts.lm.model.compiled is not None:
+        assert actual == expected
+        return
+    assert len(actual) == len(expected)
+    difference = np.abs(
+        np.frombuffer(actual, "<i2").astype(np.int32) - np.frombuffer(expected, "<i2")
+    )
+    assert difference.max(initial=0) <= PYTORCH_TOLERANCE
 
 
 class Received:
@@ -95,13 +116,15 @@ def test_a_request_gets_the_same_bytes_whatever_shares_its_batch(
         scheduler.step()
         others.append(submit(scheduler, tts, text))
     run(scheduler)
-    assert watched.ended and watched.pcm == alone
-    assert [o.pcm for o in others] == [solo(tts, t) for t in OTHERS[:neighbours]]
+    assert watched.ended
+    assert_same_audio(tts, watched.pcm, alone)
+    for other, text in zip(others, OTHERS[:neighbours], strict=True):
+        assert_same_audio(tts, other.pcm, solo(tts, text))
 
 
 def test_infer_stream_gives_what_the_server_gives(tts: SopranoTTS) -> None:
     streamed = tts.infer_stream(SENTENCE, 1, max_chunk_size=8, sampling=GREEDY)
-    assert to_pcm16(torch.cat(list(streamed))) == solo(tts, SENTENCE)
+    assert_same_audio(tts, to_pcm16(torch.cat(list(streamed))), solo(tts, SENTENCE))
 
 
 def test_a_request_joins_mid_run_and_is_heard_before_the_first_ends(tts: SopranoTTS) -> None:
@@ -129,7 +152,7 @@ def test_cancelling_a_request_mid_batch_frees_it_and_spares_the_others(tts: Sopr
     made = len(doomed.chunks)
     run(scheduler)
     assert len(doomed.chunks) == made
-    assert kept.pcm == solo(tts, SENTENCE)
+    assert_same_audio(tts, kept.pcm, solo(tts, SENTENCE))
 
 
 def test_a_short_request_finishes_while_a_long_one_runs(tts: SopranoTTS) -> None:
@@ -143,7 +166,8 @@ def test_a_short_request_finishes_while_a_long_one_runs(tts: SopranoTTS) -> None
         scheduler.step()
     assert not long.ended, "the long text did not hold the short one back"
     run(scheduler)
-    assert long.ended and short.pcm == solo(tts, SENTENCE)
+    assert long.ended
+    assert_same_audio(tts, short.pcm, solo(tts, SENTENCE))
 
 
 def test_more_requests_than_rows_take_turns(tts: SopranoTTS) -> None:
@@ -153,7 +177,8 @@ def test_more_requests_than_rows_take_turns(tts: SopranoTTS) -> None:
         scheduler.step()
     assert all(r.chunks for r in received), "every request was served within a few steps"
     run(scheduler)
-    assert [r.pcm for r in received] == [solo(tts, t) for t in OTHERS[:4]]
+    for reply, text in zip(received, OTHERS[:4], strict=True):
+        assert_same_audio(tts, reply.pcm, solo(tts, text))
 
 
 def test_a_request_nobody_reads_pauses_while_others_go_on(tts: SopranoTTS) -> None:
@@ -174,8 +199,8 @@ def test_a_request_nobody_reads_pauses_while_others_go_on(tts: SopranoTTS) -> No
     while scheduler.runnable:
         scheduler.step()
         unread_job.consumed_samples = unread_job.produced_samples
-    assert unread.pcm == solo(tts, OTHERS[0]), "reading again resumes the same audio"
-    assert read.pcm == solo(tts, SENTENCE)
+    assert_same_audio(tts, unread.pcm, solo(tts, OTHERS[0]))  # reading again resumes it
+    assert_same_audio(tts, read.pcm, solo(tts, SENTENCE))
 
 
 class PoisonedBatch(SequenceBatch):
@@ -212,7 +237,8 @@ def test_a_failure_ends_only_its_own_request(tts: SopranoTTS) -> None:
     broken = submit(scheduler, tts, failing)
     run(scheduler)
     assert isinstance(broken.error, RuntimeError) and not broken.chunks
-    assert healthy.ended and healthy.pcm == solo(tts, SENTENCE)
+    assert healthy.ended
+    assert_same_audio(tts, healthy.pcm, solo(tts, SENTENCE))
 
 
 def test_retries_hold_each_sentence_until_it_is_final(tts: SopranoTTS) -> None:
@@ -223,7 +249,7 @@ def test_retries_hold_each_sentence_until_it_is_final(tts: SopranoTTS) -> None:
         scheduler.step()
         assert not received.chunks, "no audio before the sentence is known to be good"
     run(scheduler)
-    assert received.pcm == solo(tts, SENTENCE)
+    assert_same_audio(tts, received.pcm, solo(tts, SENTENCE))
 
 
 def test_the_service_streams_to_threads_and_event_loops(tts: SopranoTTS) -> None:
@@ -236,7 +262,8 @@ def test_the_service_streams_to_threads_and_event_loops(tts: SopranoTTS) -> None
             chunks = [chunk async for chunk in service.submit(prepare_text(SENTENCE), GREEDY)]
             return to_pcm16(torch.cat(chunks))
 
-        assert asyncio.run(read()) == pcm == solo(tts, SENTENCE)
+        assert asyncio.run(read()) == pcm  # the same request, served the same way
+        assert_same_audio(tts, pcm, solo(tts, SENTENCE))
         with pytest.raises(ValueError, match="max_new_tokens must be at most 1024"):
             service.submit(["too long."], SamplingParams(max_new_tokens=5000))
     finally:
@@ -256,9 +283,8 @@ def test_the_service_refuses_work_past_its_limit_and_frees_cancelled_requests(
         for stream in streams:  # a cancelled stream ends for its reader too
             list(stream)
         assert service.requests_in_progress == 0
-        assert to_pcm16(torch.cat(list(service.submit(prepare_text(SENTENCE), GREEDY)))) == solo(
-            tts, SENTENCE
-        )
+        again = torch.cat(list(service.submit(prepare_text(SENTENCE), GREEDY)))
+        assert_same_audio(tts, to_pcm16(again), solo(tts, SENTENCE))
     finally:
         service.close()
 

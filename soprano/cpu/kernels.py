@@ -6,7 +6,7 @@ moment. Each build runs in a private folder that is renamed into place once it i
 build killed halfway leaves nothing that a later start waits for (PyTorch's own `lock` file would
 make every later start hang). Where the kernels cannot be used (SOPRANO_KERNELS=off, a system
 other than Linux, no C++ compiler, a failed build) the native backend runs its PyTorch path.
-See docs/limits-kernels.md.
+See README, "The compiled CPU kernels".
 """
 
 from __future__ import annotations
