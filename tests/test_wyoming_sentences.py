@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from soprano.text import prepare_text
-from wyoming_soprano.sentences import SentenceStream
+from wyoming_soprano.sentences import MAX_PENDING, SentenceStream
 
 STREAMED_TEXTS = [
     "Hello there, this is the first sentence of the test. Short one. And here is another "
@@ -61,3 +61,24 @@ def test_an_unclosed_bracket_holds_sentences_back_only_for_a_while() -> None:
     released = stream.add(later)
     assert released, "the held sentences go out once the text after them is long"
     assert released + stream.finish() == prepare_text(opening + later)
+
+
+def test_text_without_a_sentence_end_is_cut_and_spoken_once_it_runs_on_too_long() -> None:
+    stream = SentenceStream()
+    vocabulary = ["river", "stone", "green", "light", "window", "garden", "morning", "quiet"]
+    words = " ".join(vocabulary[n % len(vocabulary)] for n in range(2000))  # no sentence end
+    released: list[str] = []
+    for start in range(0, len(words), 7):
+        released += stream.add(words[start : start + 7])
+        assert len(stream._pending) <= MAX_PENDING
+    released += stream.finish()
+    assert released, "the text was spoken"
+    spoken = " ".join(released).replace(".", "").split()
+    assert len(spoken) == 2000, "every word once, none cut in two"
+
+
+def test_a_huge_fragment_costs_work_bounded_by_the_held_back_text() -> None:
+    stream = SentenceStream()
+    released = stream.add("x" * 200_000)
+    assert len(stream._pending) <= MAX_PENDING
+    assert released + stream.finish()

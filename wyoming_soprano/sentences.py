@@ -50,6 +50,11 @@ _PARAGRAPH_BREAK_AT_END = re.compile(r"\n[ \t]*\n\s*(?<=\n)$")
 
 CUTS_TRIED = 16
 """Candidate cuts tried per fragment, from the end: bounds the work on pathological text."""
+MAX_PENDING = 4 * MAX_SENTENCE_LENGTH
+"""Characters held back at most. Text that runs on longer without a cut that keeps the
+sentences of the whole (no sentence end, an endless code block) is cut anyway, at its last
+sentence end or word boundary, and spoken: only such text can sound different streamed, and
+every fragment costs work bounded by this, however the client sends its text."""
 
 
 class SentenceStream:
@@ -64,6 +69,15 @@ class SentenceStream:
     def add(self, fragment: str) -> list[str]:
         """Append a fragment; return the engine's sentences that are final now (maybe none)."""
         self._pending += fragment
+        released: list[str] = []
+        while len(self._pending) > MAX_PENDING:
+            cut = _forced_cut(self._pending[:MAX_PENDING])
+            released += prepare_text(self._pending[:cut])
+            self._pending = self._pending[cut:]
+        return released + self._release()
+
+    def _release(self) -> list[str]:
+        """The sentences before the last cut that later text cannot change, if any."""
         text = self._pending
         cuts = [match.end() for match in _CUT_CANDIDATE.finditer(text)]
         whole: list[str] | None = None
@@ -86,6 +100,16 @@ class SentenceStream:
         """The sentences of everything not yet released; the stream is empty afterwards."""
         rest, self._pending = self._pending, ""
         return prepare_text(rest)
+
+
+def _forced_cut(text: str) -> int:
+    """Where to cut text that is held back too long: after its last sentence end, else after
+    its last space, else (one endless word) at its end."""
+    ends = [match.end() for match in _CUT_CANDIDATE.finditer(text)]
+    if ends:
+        return ends[-1]
+    space = text.rfind(" ")
+    return space + 1 if space > 0 else len(text)
 
 
 def _ends_inside_brackets(text: str) -> bool:
