@@ -300,3 +300,18 @@ def test_a_failed_request_raises_in_its_reader(tts: SopranoTTS) -> None:
         assert failure.value.code == "RuntimeError"
     finally:
         service.close()
+
+
+def test_a_burst_of_requests_starts_a_few_prompts_a_step(tts: SopranoTTS) -> None:
+    """The first request of a burst speaks before the last one's prompt is even read, and the
+    staggered start changes no request's audio."""
+    (prompt,) = [tts.tokenizer.encode(s) for s in prepare_text(OTHERS[0])]
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16, prefill_budget=len(prompt))
+    burst = [submit(scheduler, tts, text) for text in OTHERS[:4]]
+    while not burst[0].chunks:
+        scheduler.step()
+    last_job = scheduler.jobs[-1]
+    assert not burst[-1].chunks and last_job.served_tokens <= 2
+    run(scheduler)
+    for received, text in zip(burst, OTHERS[:4], strict=True):
+        assert_same_audio(tts, received.pcm, solo(tts, text))

@@ -99,13 +99,7 @@ class SpeechRequest(BaseModel):
 
     def sampling(self) -> SamplingParams:
         """Raises ValueError for values out of range."""
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            max_new_tokens=self.max_new_tokens,
-        )
+        return SamplingParams.of(self)
 
 
 class ApiError(Exception):

@@ -131,13 +131,7 @@ def add_sampling_arguments(
 def sampling_params(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SamplingParams:
     """The sampling options as SamplingParams; a bad value is a usage error (exit code 2)."""
     try:
-        return SamplingParams(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
+        return SamplingParams.of(args)
     except ValueError as error:
         parser.error(str(error))
 

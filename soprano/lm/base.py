@@ -12,7 +12,7 @@ import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -62,6 +62,12 @@ class SamplingParams:
             raise ValueError(
                 f"seed must be an integer from 0 to {MAX_SEED - 1} or None, got {self.seed!r}"
             )
+
+    @classmethod
+    def of(cls, source: object) -> SamplingParams:
+        """The settings of anything that has them as attributes of the same names (parsed
+        command-line options, an HTTP request); raises ValueError for a bad value."""
+        return cls(**{field.name: getattr(source, field.name) for field in fields(cls)})
 
     @property
     def greedy(self) -> bool:

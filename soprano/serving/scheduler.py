@@ -5,6 +5,9 @@ the LM (a sentence that starts brings its prompt into that same forward), and de
 pass of the decoder, the streamed chunks that those tokens completed. Sentences join and leave
 between any two steps; a sentence that is not picked keeps its KV cache and waits.
 
+A step admits new sentences up to PREFILL_TOKENS_PER_STEP prompt tokens, so a burst of
+requests starts over a few steps instead of stalling everyone in one long step.
+
 Who gets a row (fairness): a request's sentences are spoken in order, so the sentence each
 request is speaking now comes first, then the next sentence of each, and so on; between
 requests at the same depth, the one served least so far goes first (a deficit round robin), so a
@@ -34,6 +37,12 @@ from soprano.hallucination import looks_hallucinated, warn_cut
 from soprano.lm import LanguageModel, SamplingParams, SequenceBatch, Step
 
 _LOGGER = logging.getLogger(__name__)
+
+PREFILL_TOKENS_PER_STEP = 192
+"""Prompt tokens that may join one step (at least one prompt always does). A prompt's prefill is
+compute-bound, about 0.8 ms a token on two cores, so a burst of new requests admitted all at
+once would stall every running stream for a second; two typical prompts a step cost one
+step's worth of audio at most, and the first requests of a burst start speaking sooner."""
 
 JobEnd = None
 """Delivered after a job's last chunk."""
@@ -100,6 +109,7 @@ class Scheduler:
         decoder: SopranoDecoder,
         max_batch_size: int,
         max_buffered_samples: int | None = None,
+        prefill_budget: int = PREFILL_TOKENS_PER_STEP,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -107,6 +117,7 @@ class Scheduler:
         self.decoder = decoder
         self.max_batch_size = max_batch_size
         self.max_buffered_samples = max_buffered_samples
+        self.prefill_budget = prefill_budget
         self.jobs: list[Job] = []
         self._batch: SequenceBatch = lm.open_batch()
         self._numbers = itertools.count()
@@ -209,7 +220,16 @@ class Scheduler:
             for depth, sentence in enumerate(waiting):
                 candidates.append((depth, job.served_tokens, job.number, job, sentence))
         candidates.sort(key=lambda c: c[:3])
-        chosen = [(job, sentence) for *_, job, sentence in candidates[: self.max_batch_size]]
+        chosen: list[tuple[Job, _Sentence]] = []
+        prefill = 0
+        for *_, job, sentence in candidates:
+            if len(chosen) == self.max_batch_size:
+                break
+            if sentence.key is None:  # it starts: its prompt joins this step's forward
+                if chosen and prefill + len(sentence.prompt) > self.prefill_budget:
+                    continue
+                prefill += len(sentence.prompt)
+            chosen.append((job, sentence))
         for job, _ in chosen:
             job.served_tokens += 1
         return chosen
