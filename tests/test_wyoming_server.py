@@ -27,7 +27,7 @@ import pytest
 from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.event import Event, async_read_event, read_event, write_event
+from wyoming.event import Event, async_read_event, async_write_event, read_event, write_event
 from wyoming.info import Describe, Info
 from wyoming.tts import (
     Synthesize,
@@ -745,3 +745,31 @@ def test_a_flood_of_events_does_not_starve_other_connections(server: ServerProce
         return elapsed
 
     assert run(scenario()) < DESCRIBE_DEADLINE
+
+
+def test_a_client_that_stops_reading_pauses_its_generation_and_others_are_served(
+    busy_server: ServerProcess,
+) -> None:
+    """Backpressure: once its socket buffers are full and 30 s of its audio wait unread, the
+    request gets no more rows (memory stays bounded), while other clients are served."""
+
+    async def stop_reading() -> asyncio.StreamWriter:
+        _, writer = await asyncio.open_connection("127.0.0.1", busy_server.port)
+        await async_write_event(Synthesize(LONG_TEXT).event(), writer)
+        return writer  # and never read
+
+    async def scenario() -> list[Event]:
+        paused_before = busy_server.log.count("paused: its audio waits unread")
+        writer = await stop_reading()
+        await asyncio.to_thread(
+            busy_server.wait_for_log, "paused: its audio waits unread", paused_before + 1
+        )
+        client = await connect(busy_server)
+        await client.write_event(Synthesize(OTHER_TEXTS[0]).event())
+        events = await events_through(client, "audio-stop")
+        await client.disconnect()
+        writer.close()
+        return events
+
+    events = run(scenario())
+    assert len(audio_cycles(events, TOKEN_SAMPLES)) == 1

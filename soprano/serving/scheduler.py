@@ -89,6 +89,8 @@ class Job:
         """Written by the consumer's thread only (see `SpeechService`)."""
         self.cancelled = False
         self.finished = False
+        self.paused = False
+        """Held back: its consumer has not taken max_buffered_samples of its audio."""
 
     @property
     def buffered_samples(self) -> int:
@@ -208,7 +210,13 @@ class Scheduler:
         if job.cancelled or job.finished:
             return False
         limit = self.max_buffered_samples
-        return limit is None or job.buffered_samples < limit
+        held = limit is not None and job.buffered_samples >= limit
+        if held != job.paused:
+            job.paused = held
+            _LOGGER.debug(
+                "Request %d %s", job.number, "paused: its audio waits unread" if held else "resumed"
+            )
+        return not held
 
     def _choose(self) -> list[tuple[Job, _Sentence]]:
         """The rows of this step: by depth in their request, then least served first."""
