@@ -171,14 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     limits = serving_limits(parser, args)
 
     try:
-        tts = load_engine(args)
+        service = SpeechService(partial(load_engine, args), limits)
     except (SopranoError, ValueError) as error:  # one line for a missing model, no traceback
         _LOGGER.error("Cannot load the model: %s", error)
         return 1
     except KeyboardInterrupt:
         return 130
     try:
-        return asyncio.run(serve(args, server, SpeechService(tts, limits), sampling))
+        return asyncio.run(serve(args, server, service, sampling))
     except (AnnouncementError, OSError) as error:
         _LOGGER.error("Cannot serve: %s", error)
         return 1

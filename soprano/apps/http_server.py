@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -419,11 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(logging, args.log_level.upper()))
     try:
         listener = _listen(args.host, args.port)
-        tts = load_tts(args)
+        service = SpeechService(partial(load_tts, args), limits)
     except (SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    app = create_app(SpeechService(tts, limits), args.model)
+    app = create_app(service, args.model)
     host, port = listener.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
     print(f"{PROG}: serving {args.model} on http://{_url_host(host)}:{port}", file=sys.stderr)

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -314,11 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.INFO)
     try:
         require_encoder(STREAM_FORMAT.name)
-        tts = load_tts(args)
+        service = SpeechService(partial(load_tts, args), limits)
     except (SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    jobs = SpeechJobs(SpeechService(tts, limits))
+    jobs = SpeechJobs(service)
     demo = build_demo(jobs, args, limits.max_input_chars)
     app_kwargs: dict[str, Any] = {"routes": [jobs.stream_route()]}
     demo.queue().launch(
