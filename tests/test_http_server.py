@@ -19,11 +19,13 @@ import pytest
 import soundfile
 import torch
 from processes import serving_process
+from starlette.testclient import TestClient
 
+from soprano.apps.http_server import create_app
 from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 from soprano.encoding import OPUS_SAMPLE_RATE, encode_audio
-from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
+from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS, ServingLimits
 from soprano.tts import SopranoTTS
 
 SERVER = str(Path(sys.executable).with_name("soprano-server"))  # the installed console script
@@ -408,3 +410,28 @@ def test_an_oversize_body_is_refused_before_it_is_read(server: str) -> None:
         assert response.status_code == 413
         assert "larger than this server accepts" in response.json()["error"]["message"]
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+class FailingService:
+    """A serving layer whose every request fails unexpectedly (a 500)."""
+
+    def __init__(self, tts: SopranoTTS) -> None:
+        self.tts = tts
+        self.limits = ServingLimits()
+        self.requests_in_progress = 0
+
+    def submit(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("the engine is on fire")
+
+
+def test_a_server_error_closes_the_connection(tts: SopranoTTS) -> None:
+    """After a 500 the server says Connection: close, so a keep-alive client does not send its
+    next request on a connection the server is about to drop."""
+    app = create_app(FailingService(tts), "m")  # type: ignore[arg-type]
+    with TestClient(app, raise_server_exceptions=False) as http:
+        failed = http.post("/v1/audio/speech", json={"input": TEXT})
+        fine = http.get("/health")
+    assert failed.status_code == 500
+    assert failed.headers["connection"] == "close"
+    assert "the engine is on fire" in failed.json()["error"]["message"]
+    assert fine.status_code == 200 and "connection" not in fine.headers

@@ -137,6 +137,14 @@ def test_empty_text_is_refused_with_a_message(page: Page) -> None:
     assert page.locator("audio#soprano-player").count() == 0
 
 
+def test_text_past_the_input_limit_is_refused_with_a_message(page: Page) -> None:
+    page.get_by_label("Text").fill("Far too long a text. " * 300)  # 6300 characters
+    page.get_by_role("button", name="Speak").click()
+
+    page.get_by_text("at most 4096 can be spoken at once").first.wait_for()
+    assert page.locator("audio#soprano-player").count() == 0
+
+
 def test_examples_fill_the_text_box(page: Page) -> None:
     page.get_by_text("The quick brown fox jumps over the lazy dog", exact=False).first.click()
 
