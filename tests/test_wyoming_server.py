@@ -43,7 +43,8 @@ from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH, TOKEN_SAMPLES
 from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
 from soprano.text import prepare_text
 from wyoming_soprano import __version__
-from wyoming_soprano.__main__ import main
+from wyoming_soprano.__main__ import RateLimitedErrors, main
+from wyoming_soprano.handler import MAX_QUEUED_REPLIES
 from wyoming_soprano.info import PROGRAM_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -773,3 +774,45 @@ def test_a_client_that_stops_reading_pauses_its_generation_and_others_are_served
 
     events = run(scenario())
     assert len(audio_cycles(events, TOKEN_SAMPLES)) == 1
+
+
+def test_a_connection_that_pipelines_requests_without_reading_is_not_read_further(
+    busy_server: ServerProcess,
+) -> None:
+    """Twenty whole-text requests sent at once, none read: the server takes the replies it may
+    queue (MAX_QUEUED_REPLIES) and one more that waits for a place, and reads no further while
+    the first reply's audio backs up, so the client cannot queue unbounded work."""
+    sent = 20
+
+    async def scenario() -> int:
+        received_before = busy_server.log.count("Received synthesize")
+        paused_before = busy_server.log.count("paused: its audio waits unread")
+        _, writer = await asyncio.open_connection("127.0.0.1", busy_server.port)
+        for _ in range(sent):
+            await async_write_event(Synthesize(LONG_TEXT).event(), writer)
+        await asyncio.to_thread(
+            busy_server.wait_for_log, "paused: its audio waits unread", paused_before + 1
+        )
+        received = busy_server.log.count("Received synthesize") - received_before
+        writer.close()
+        return received
+
+    assert run(scenario()) <= MAX_QUEUED_REPLIES + 1 < sent
+
+
+def test_repeated_event_loop_errors_are_logged_once_per_interval() -> None:
+    """A full descriptor table makes accept() fail hundreds of times a second; the log gets the
+    error once per interval, not once per failure."""
+
+    class CountingLoop:
+        logged = 0
+
+        def default_exception_handler(self, context: dict[str, Any]) -> None:
+            self.logged += 1
+
+    loop = CountingLoop()
+    handler = RateLimitedErrors(interval=3600)
+    for _ in range(1000):
+        handler(loop, {"message": "socket.accept() out of system resource"})  # type: ignore[arg-type]
+    handler(loop, {"message": "another error"})  # type: ignore[arg-type]
+    assert loop.logged == 2
