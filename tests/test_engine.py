@@ -309,3 +309,32 @@ def test_cached_repo_loads_offline(tiny_checkpoint: Path, tmp_path: Path):
     result = _load_in_subprocess("someone/soprano-test", cache, HF_HUB_OFFLINE="1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "loaded"
+
+
+def test_bfloat16_also_runs_the_decoder_on_bf16_products_where_the_cpu_has_them(
+    tiny_checkpoint: Path,
+):
+    """dtype 'bfloat16' rounds the decoder's weights to bf16 on CPUs with AVX512-BF16 (pair
+    panels, int32 words), keeps them exact elsewhere, and stays within 1% of the exact audio."""
+    from soprano.cpu.kernels import cpu_kernels
+    from soprano.cpu.linear import PanelLinear
+
+    lossy = SopranoTTS(
+        device="cpu",
+        model_path=tiny_checkpoint,
+        backend_options={"dtype": "bfloat16"},
+        warmup=False,
+    )
+    exact = SopranoTTS(device="cpu", model_path=tiny_checkpoint, warmup=False)
+    head = lossy.decoder.head.out
+    kernels = cpu_kernels()
+    if kernels is None:
+        assert not isinstance(head, PanelLinear)
+    else:
+        expected = torch.int32 if kernels.BF16_PRODUCTS else torch.float32
+        assert isinstance(head, PanelLinear) and head.panels.dtype == expected
+    frames = torch.randn(40, lossy.decoder.input_channels) * 3
+    (ours,) = lossy.decoder.decode([frames])
+    (reference,) = exact.decoder.decode([frames])
+    relative = (ours - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()
+    assert relative < 0.01

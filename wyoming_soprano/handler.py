@@ -121,6 +121,7 @@ class SopranoEventHandler(AsyncEventHandler):
             await self.disconnect()
             return
         connections.open += 1
+        _LOGGER.debug("Connection opened (%d open)", connections.open)
         try:
             await self._serve()
         finally:

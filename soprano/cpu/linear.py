@@ -58,12 +58,14 @@ class PanelLinear(nn.Module):
         kernels: ModuleType,
         storage: torch.dtype = torch.bfloat16,
         bf16_products: bool = False,
+        rounded: bool = False,
     ) -> bool:
-        """Whether `storage` holds `layer`'s weight exactly (and, for bf16 products, even width)."""
+        """Whether `storage` holds `layer`'s weight exactly, or at all when it may be `rounded`
+        (and, for bf16 products, whether its input width is even)."""
         weight = layer.weight.detach()
-        return not (bf16_products and weight.shape[1] % 2) and torch.equal(
-            weight.to(storage).to(weight.dtype), weight
-        )
+        if bf16_products and weight.shape[1] % 2:
+            return False
+        return rounded or torch.equal(weight.to(storage).to(weight.dtype), weight)
 
     @classmethod
     def pack_all(
@@ -117,16 +119,18 @@ def use_panels(
     bf16_products: bool = False,
     *,
     all_or_none: bool = False,
+    rounded: bool = False,
 ) -> int:
     """Move the nn.Linears below `module` that fit onto `storage` panels; return how many.
 
-    With `all_or_none`, move none unless every one fits.
+    With `all_or_none`, move none unless every one fits. With `rounded` (lossy) a weight that
+    `storage` cannot hold exactly is rounded to it instead of being left out.
     """
     linears = linears_below(module)
     fitting = [
         (parent, name, child)
         for parent, name, child in linears
-        if PanelLinear.fits(child, kernels, storage, bf16_products)
+        if PanelLinear.fits(child, kernels, storage, bf16_products, rounded)
     ]
     if all_or_none and len(fitting) < len(linears):
         return 0
