@@ -552,7 +552,8 @@ def _decode_together(streams: Sequence[StreamingDecoder], flushes: Sequence[bool
         if isinstance(stage, ConvNeXtBlock):
             xs = _blocks_together(stage, windows)
         else:
-            xs = [_no_frames(decoder) if window is None else stage(window) for window in windows]
+            empty = _no_frames(decoder.dim, decoder.device)
+            xs = [empty if window is None else stage(window) for window in windows]
     rows = torch.cat([x[0].T for x in xs])
     projected = decoder.head.out(backbone.final_layer_norm(rows))
     # exp and polar run per stream: their vectorised loops' tails depend on the tensor's size.
@@ -564,8 +565,9 @@ def _decode_together(streams: Sequence[StreamingDecoder], flushes: Sequence[bool
     ]
 
 
-def _no_frames(decoder: SopranoDecoder) -> Tensor:
-    return torch.zeros(1, decoder.dim, 0, device=decoder.device)
+def _no_frames(width: int, device: torch.device) -> Tensor:
+    """What a stage yields for a stream whose window holds no new frame: [1, width, 0]."""
+    return torch.zeros(1, width, 0, device=device)
 
 
 def _blocks_together(block: ConvNeXtBlock, windows: Sequence[Tensor | None]) -> list[Tensor]:
@@ -575,10 +577,9 @@ def _blocks_together(block: ConvNeXtBlock, windows: Sequence[Tensor | None]) -> 
     present = [frames for frames in convolved if frames is not None]
     sizes = [len(frames) for frames in present]
     mixed = iter(block.channel_mlp(torch.cat(present), sizes).split(sizes) if present else [])
+    empty = _no_frames(len(block.gamma), block.gamma.device)
     return [
-        block.gamma.new_zeros(1, len(block.gamma), 0)
-        if window is None
-        else _inner(window, block.context) + next(mixed).T[None]
+        empty if window is None else _inner(window, block.context) + next(mixed).T[None]
         for window in windows
     ]
 

@@ -735,7 +735,7 @@ def test_connections_past_the_limit_get_an_error_and_the_rest_are_served(
         return refusal, after, served
 
     refusal, after, served = run(scenario())
-    assert refusal is not None and Error.from_event(refusal).code == "ServerBusy"
+    assert refusal is not None and Error.from_event(refusal).code == "ServerBusyError"
     assert after is None
     assert [event.type for event in served] == ["info"] * MAX_CONNECTIONS
     guarded_server.wait_until_idle()

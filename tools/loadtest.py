@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark import ensure_checkpoint
 
-from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH
+from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH, TOKENS_PER_SECOND
 from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
 
 BUFFER_SECONDS = 0.2
@@ -281,40 +281,36 @@ async def _together(client: Any, port: int, count: int) -> list[Reply]:
 
 def table(report: dict[str, Any]) -> str:
     engine = report["engine"]
+    seconds = report["tokens"] / TOKENS_PER_SECOND
     lines = [
-        f"{report['tokens']} tokens a sentence ({report['tokens'] / 15.625:.1f} s of audio), "
+        f"{report['tokens']} tokens a sentence ({seconds:.1f} s of audio), "
         f"dtype {report['dtype']}, load average at the start {report['load_average_at_start']:.2f}",
         "",
         "engine alone: infer_stream × real time {:.1f} (one-token chunks), {:.1f} (growing "
         "chunks); infer {:.1f}".format(
             engine["infer_stream_chunk_1"], engine["infer_stream_growing"], engine["infer"]
         ),
-        "",
-        "| Wyoming clients | scheduler | first audio median / p95 | ran dry | audio s per s "
-        "| identical to solo |",
-        "|---:|---|---:|---:|---:|---:|",
     ]
-    for count, modes in report["wyoming"].items():
-        for mode, s in modes.items():
-            lines.append(
-                f"| {count} | {mode} | {s['first_audio_median_ms']:.0f} / "
-                f"{s['first_audio_p95_ms']:.0f} ms | {s['ran_dry']}/{count} | "
-                f"{s['audio_seconds_per_second']:.1f} | {s['identical_to_solo']}/{count} |"
-            )
-    lines += [
-        "",
-        "| HTTP requests | scheduler | first byte median / p95 | completion median / p95 "
-        "| ran dry | audio s per s |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
-    for count, modes in report["http"].items():
-        for mode, s in modes.items():
-            lines.append(
-                f"| {count} | {mode} | {s['first_audio_median_ms']:.0f} / "
-                f"{s['first_audio_p95_ms']:.0f} ms | {s['completion_median_ms']:.0f} / "
-                f"{s['completion_p95_ms']:.0f} ms | {s['ran_dry']}/{count} | "
-                f"{s['audio_seconds_per_second']:.1f} |"
-            )
+    columns = {
+        "wyoming": ("Wyoming clients", "first audio", "identical to solo"),
+        "http": ("HTTP requests", "first byte", None),
+    }
+    for protocol, (clients, first, identical) in columns.items():
+        heading = [clients, "scheduler", f"{first} median / p95", "completion median / p95"]
+        heading += ["ran dry", "audio s per s"] + ([identical] if identical else [])
+        lines += ["", "| " + " | ".join(heading) + " |", "|" + "---:|" * len(heading)]
+        for count, modes in report[protocol].items():
+            for mode, s in modes.items():
+                row = [
+                    count,
+                    mode,
+                    f"{s['first_audio_median_ms']:.0f} / {s['first_audio_p95_ms']:.0f} ms",
+                ]
+                row += [f"{s['completion_median_ms']:.0f} / {s['completion_p95_ms']:.0f} ms"]
+                row += [f"{s['ran_dry']}/{count}", f"{s['audio_seconds_per_second']:.1f}"]
+                if identical:
+                    row.append(f"{s['identical_to_solo']}/{count}")
+                lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH
 from soprano.errors import SopranoError
 from soprano.lm import SamplingParams
-from soprano.serving import SpeechService, SpeechStream, SynthesisError
+from soprano.serving import ServerBusyError, SpeechService, SpeechStream, SynthesisError
 from soprano.text import prepare_text
 from wyoming_soprano.framing import ProtocolError, read_event
 from wyoming_soprano.sentences import SentenceStream
@@ -115,7 +115,7 @@ class SopranoEventHandler(AsyncEventHandler):
             await self._close(
                 Error(
                     text=f"the server has {connections.open} connections open; try again later",
-                    code="ServerBusy",
+                    code=ServerBusyError.__name__,  # as when the engine is full
                 )
             )
             await self.disconnect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -136,57 +137,43 @@ def sampling_params(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(str(error))
 
 
+SERVING_FLAGS = {
+    "max_batch_size": ("--max-batch-size", "N", "sentences generated together; more take turns"),
+    "max_requests": ("--max-requests", "N", "requests running or waiting; more are refused"),
+    "max_buffered_seconds": (
+        "--max-buffered-seconds",
+        "S",
+        "audio a request may have ready but unread before its generation pauses",
+    ),
+    "max_new_tokens": (
+        "--max-new-tokens-limit",
+        "N",
+        "largest max_new_tokens a request may ask for",
+    ),
+    "max_input_chars": ("--max-input-chars", "N", "longest text of one request (as OpenAI)"),
+}
+"""The command-line flag of each ServingLimits field, with its metavar and help."""
+
+
 def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     """The serving limits (ServingLimits), the same on every server."""
-    defaults = ServingLimits()
     group = parser.add_argument_group("serving limits")
-    group.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=defaults.max_batch_size,
-        metavar="N",
-        help=f"sentences generated together; more take turns (default: {defaults.max_batch_size})",
-    )
-    group.add_argument(
-        "--max-requests",
-        type=int,
-        default=defaults.max_requests,
-        metavar="N",
-        help=f"requests running or waiting; more are refused (default: {defaults.max_requests})",
-    )
-    group.add_argument(
-        "--max-buffered-seconds",
-        type=float,
-        default=defaults.max_buffered_seconds,
-        metavar="S",
-        help="audio a request may have ready but unread before its generation pauses "
-        f"(default: {defaults.max_buffered_seconds:g})",
-    )
-    group.add_argument(
-        "--max-new-tokens-limit",
-        type=int,
-        default=defaults.max_new_tokens,
-        metavar="N",
-        help=f"largest max_new_tokens a request may ask for (default: {defaults.max_new_tokens})",
-    )
-    group.add_argument(
-        "--max-input-chars",
-        type=int,
-        default=defaults.max_input_chars,
-        metavar="N",
-        help=f"longest text of one request (default: {defaults.max_input_chars}, as OpenAI)",
-    )
+    for field in dataclasses.fields(ServingLimits):
+        flag, metavar, help_text = SERVING_FLAGS[field.name]
+        group.add_argument(
+            flag,
+            dest=f"limit_{field.name}",  # apart from the sampling option max_new_tokens
+            type=type(field.default),
+            default=field.default,
+            metavar=metavar,
+            help=f"{help_text} (default: {field.default:g})",
+        )
 
 
 def serving_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServingLimits:
+    """The serving-limit options as ServingLimits; a bad value is a usage error (exit code 2)."""
     try:
-        return ServingLimits(
-            max_batch_size=args.max_batch_size,
-            max_requests=args.max_requests,
-            max_buffered_seconds=args.max_buffered_seconds,
-            max_new_tokens=args.max_new_tokens_limit,
-            max_input_chars=args.max_input_chars,
-        )
+        return ServingLimits(**{name: getattr(args, f"limit_{name}") for name in SERVING_FLAGS})
     except ValueError as error:
         parser.error(str(error))
 

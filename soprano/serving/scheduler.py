@@ -149,8 +149,8 @@ class Scheduler:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Stop a job at once (engine thread): its rows leave the batch, its consumer gets the
-        end of its stream."""
+        """Stop a job now: its rows leave the batch, its consumer gets the end of its stream.
+        From another thread, set `job.cancelled` instead: the next `step` ends it."""
         job.cancelled = True
         if not job.finished:
             _LOGGER.debug("Stopped synthesis of request %d", job.number)
@@ -158,8 +158,8 @@ class Scheduler:
 
     @property
     def runnable(self) -> bool:
-        """Whether `step` has work: some job may take a row."""
-        return any(self._may_run(job) for job in self.jobs)
+        """Whether `step` has work: a cancelled job to end, or one that may take a row."""
+        return any(job.cancelled or self._may_run(job) for job in self.jobs)
 
     def step(self) -> None:
         """Advance the chosen sentences by one token and deliver the audio they completed."""

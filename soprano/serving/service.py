@@ -91,9 +91,12 @@ class SpeechStream:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """Stop generating; safe from any thread, and after the end."""
+        """Stop generating; safe from any thread, and after the end. The engine thread drops
+        the job at its next turn (`Scheduler.step` ends cancelled jobs first)."""
         if not self.cancelled and not self._ended:
             self.cancelled = True
+            if self.job is not None:
+                self.job.cancelled = True
             self._service._notify()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -165,6 +168,10 @@ class SpeechStream:
 class SpeechService:
     """Owns the engine's thread and its Scheduler; `submit` from any thread or event loop."""
 
+    tts: SopranoTTS
+    _scheduler: Scheduler
+    """Both made on the engine thread, before the constructor returns."""
+
     def __init__(
         self,
         engine: SopranoTTS | Callable[[], SopranoTTS],
@@ -176,21 +183,23 @@ class SpeechService:
         made every step about a third slower. Raises what loading raises."""
         self.limits = limits or ServingLimits()
         self._inbox: list[tuple[SpeechStream, list[tuple[str, list[int]]], dict[str, Any]]] = []
-        self._streams: set[SpeechStream] = set()
-        """Engine thread only: the streams of the jobs in the scheduler."""
         self._wake = threading.Condition()
-        self._started = threading.Event()
-        """Set once the scheduler exists (the engine thread waits for it)."""
         self._closed = False
         self._requests = 0
-        loaded: list[SopranoTTS | BaseException] = []
         ready = threading.Event()
+        failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                loaded.append(engine() if callable(engine) else engine)
+                self.tts = engine() if callable(engine) else engine
+                self._scheduler = Scheduler(
+                    self.tts.lm,
+                    self.tts.decoder,
+                    self.limits.max_batch_size,
+                    max_buffered_samples=int(self.limits.max_buffered_seconds * SAMPLE_RATE),
+                )
             except BaseException as error:  # the caller re-raises it
-                loaded.append(error)
+                failure.append(error)
                 return
             finally:
                 ready.set()
@@ -199,16 +208,8 @@ class SpeechService:
         self._thread = threading.Thread(target=run, name="soprano-engine", daemon=True)
         self._thread.start()
         ready.wait()
-        if isinstance(loaded[0], BaseException):
-            raise loaded[0]
-        self.tts = loaded[0]
-        self._scheduler = Scheduler(
-            self.tts.lm,
-            self.tts.decoder,
-            self.limits.max_batch_size,
-            max_buffered_samples=int(self.limits.max_buffered_seconds * SAMPLE_RATE),
-        )
-        self._started.set()
+        if failure:
+            raise failure[0]
 
     @property
     def requests_in_progress(self) -> int:
@@ -273,45 +274,32 @@ class SpeechService:
             self._notify()
 
     def _run(self) -> None:
-        self._started.wait()
         scheduler = self._scheduler
         while True:
             with self._wake:
-                while not self._closed and not self._inbox and not self._has_work():
+                while not self._closed and not self._inbox and not scheduler.runnable:
                     self._wake.wait()
                 if self._closed:
                     break
                 inbox, self._inbox = self._inbox, []
             for stream, prompts, options in inbox:
                 self._start(stream, prompts, options)
-            for stream in list(self._streams):
-                if stream.cancelled and stream.job is not None and not stream.job.finished:
-                    scheduler.cancel(stream.job)
-            if scheduler.runnable:
-                scheduler.step()
-        for stream in list(self._streams):
-            if stream.job is not None and not stream.job.finished:
-                scheduler.cancel(stream.job)
-
-    def _has_work(self) -> bool:
-        """(lock held) Something for the engine thread: a step to run or a cancellation."""
-        return self._scheduler.runnable or any(
-            stream.cancelled and stream.job is not None and not stream.job.finished
-            for stream in self._streams
-        )
+            scheduler.step()
+        for job in list(scheduler.jobs):
+            scheduler.cancel(job)
 
     def _start(
         self, stream: SpeechStream, prompts: list[tuple[str, list[int]]], options: dict[str, Any]
     ) -> None:
         def deliver(item: torch.Tensor | BaseException | None) -> None:
             if item is None or isinstance(item, BaseException):
-                self._finished(stream)
+                self._finished()
             stream._deliver(item)
 
-        self._streams.add(stream)
         stream.job = self._scheduler.submit(prompts, deliver=deliver, **options)
+        if stream.cancelled:  # while it waited in the inbox
+            stream.job.cancelled = True
 
-    def _finished(self, stream: SpeechStream) -> None:
-        self._streams.discard(stream)
+    def _finished(self) -> None:
         with self._wake:
             self._requests -= 1
