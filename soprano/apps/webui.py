@@ -155,8 +155,8 @@ class SpeechJob:
             else ""
         )
         return (
-            f"{self.audio_seconds:.2f} s of audio in {self.generation_seconds:.2f} s "
-            f"({speed:.1f}× real time){first}"
+            f"{self.voice}: {self.audio_seconds:.2f} s of audio in "
+            f"{self.generation_seconds:.2f} s ({speed:.1f}× real time){first}"
         )
 
 
