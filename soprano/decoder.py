@@ -113,7 +113,7 @@ class VocosBackbone(nn.Module):
         if embed_kernel < 1 or embed_kernel % 2 == 0:
             raise ValueError(f"embed_kernel must be odd and positive, got {embed_kernel}")
         self.embed_context = embed_kernel // 2
-        self.embed = nn.Conv1d(input_channels, dim, embed_kernel)
+        self.embed: nn.Module = nn.Conv1d(input_channels, dim, embed_kernel)
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         # Layer scale 1/√blocks (1/√8 for the published models) keeps a random model's
         # residual stream, and so its waveform, at a sane level.
@@ -147,6 +147,33 @@ class VocosBackbone(nn.Module):
         for stage, context in self.stages():
             x = stage(F.pad(x, (context, context)))
         return _norm_channels(self.final_layer_norm, x)
+
+
+class WindowProduct(nn.Module):
+    """A Conv1d of one group as a matrix product of each output frame's input window, so that
+    the CPU kernels' GEMM can take it (tts.py): there every output is summed in one fixed order
+    whatever the thread count, which PyTorch's convolution does not promise (its 1×1 embed gave
+    other bits at 2 threads than at 1, from 24 tokens on)."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        if not (
+            isinstance(conv, nn.Conv1d)
+            and conv.groups == 1
+            and conv.bias is not None
+            and conv.stride == conv.dilation == (1,)
+            and conv.padding == (0,)
+        ):
+            raise ValueError("a window product takes a plain Conv1d (one group, a bias)")
+        out_channels, _, self.kernel = conv.weight.shape
+        self.linear = nn.Linear(conv.weight[0].numel(), out_channels, device=conv.weight.device)
+        self.linear.weight.data = conv.weight.detach().reshape(out_channels, -1)
+        self.linear.bias.data = conv.bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, T + kernel − 1] → [B, out, T]; a window is channel-major, as the weight."""
+        windows = x.transpose(1, 2).unfold(1, self.kernel, 1)  # [B, T, C, kernel]
+        return self.linear(windows.reshape(*windows.shape[:2], -1)).transpose(1, 2)
 
 
 def _init_weights(module: nn.Module) -> None:

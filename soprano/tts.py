@@ -28,7 +28,7 @@ from soprano.constants import (
 )
 from soprano.cpu.kernels import cpu_kernels
 from soprano.cpu.linear import use_panels
-from soprano.decoder import ChunkSchedule, SopranoDecoder
+from soprano.decoder import ChunkSchedule, SopranoDecoder, WindowProduct
 from soprano.device import select_device
 from soprano.errors import ModelLoadError
 from soprano.hallucination import looks_hallucinated, warn_cut
@@ -96,9 +96,10 @@ class SopranoTTS:
             self.infer(WARMUP_TEXT, max_new_tokens=WARMUP_TOKENS)
 
     def _decode_on_cpu_kernels(self, bf16_products: bool) -> None:
-        """Give the decoder's channel MLPs the native kernels' fp32 panels: a streaming chunk is
-        a few frames, whose products stream every decoder weight, and the kernels do that at
-        memory speed where PyTorch's GEMM is several times slower. Same fp32 arithmetic.
+        """Give the decoder's channel MLPs and its embed conv (as a product of windows) the
+        native kernels' fp32 panels: a streaming chunk is a few frames, whose products stream
+        every decoder weight, and the kernels do that at memory speed where PyTorch's GEMM is
+        several times slower. Same fp32 arithmetic, and the same bits for any thread count.
 
         With `bf16_products` (dtype 'bfloat16', lossy, CPUs with AVX512-BF16) the weights are
         rounded to bf16 and multiplied as the LM's are: per token the decoder does more work
@@ -106,6 +107,8 @@ class SopranoTTS:
         kernels = cpu_kernels()
         if kernels is None:
             return
+        backbone = self.decoder.decoder
+        backbone.embed = WindowProduct(backbone.embed)
         if bf16_products and kernels.BF16_PRODUCTS:
             moved = use_panels(self.decoder, kernels, torch.bfloat16, True, rounded=True)
         else:

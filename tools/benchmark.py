@@ -11,6 +11,7 @@ weights and a silent [STOP] row, so every sentence runs exactly to its token lim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -19,9 +20,10 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -126,7 +128,7 @@ def worker(
         backend=name, device=device, model_path=checkpoint, warmup=False, backend_options=options
     )
     tts.infer("Hello world!", max_new_tokens=8)
-    runners = _runners(tts, settings)
+    runners = _runners(tts, settings) | _contention_runners(tts, settings)
     pipe.send("ready")
     try:
         while (task := pipe.recv()) is not None:
@@ -413,6 +415,247 @@ def _format(value: Any) -> str:
     return f"{value:.1e}"
 
 
+# ---------------------------------------------------------------------------------------------
+# Contention (`script/benchmark --contention`): the engine next to other CPU-bound processes, as
+# on a Home Assistant box shared with add-ons. OpenMP reads its variables once, when libgomp
+# loads (at torch's import), so every thread setting runs in a worker process of its own that
+# starts with its environment; the competitors are busy loops that this benchmark starts and
+# always stops.
+
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+"""A worker starts with these unset, but for its setting's own."""
+LIBGOMP_DEFAULT_WAIT = {"GOMP_SPINCOUNT": "300000"}
+"""libgomp's own wait without OMP_WAIT_POLICY (spin 300,000 times, some ms, then sleep), what
+Soprano ran with before it chose; set explicitly, as Soprano keeps whatever a user sets."""
+COMPETITOR_LOADS = (0, 1, 2)
+COMPETITOR_LIFETIME = 3600.0
+"""Seconds after which a competitor ends by itself, should the benchmark die without stopping
+it (it stops them after every block of tasks, and on any error)."""
+BUSY_LOOP = (
+    "import sys, time\n"
+    "end = time.monotonic() + float(sys.argv[1])\n"
+    "print('spinning', flush=True)\n"
+    "while time.monotonic() < end:\n"
+    "    pass\n"
+)
+SERVED_FIRST_AUDIO = "serving layer, time to first audio (ms)"
+SERVED_RATE = "serving layer, audio s per s"
+CONTENTION_TASKS = (
+    Task("e2e", "infer × real time, one sentence", SENTENCE),
+    Task("ttfa", "infer_stream time to first audio (ms)", SENTENCE),
+    Task("stream", "infer_stream audio s per s (a chunk per token)", SENTENCE),
+    Task("served", "serving layer", SENTENCE),
+)
+
+
+@dataclass(frozen=True)
+class ThreadSetting:
+    label: str
+    threads: int | None
+    """The native backend's `threads` option (None: its default)."""
+    environment: dict[str, str]
+    """OpenMP variables of its worker process (the others of OPENMP_VARIABLES unset)."""
+
+    @property
+    def spec(self) -> str:
+        return "native" if self.threads is None else f"native:threads={self.threads}"
+
+
+def thread_settings() -> list[ThreadSetting]:
+    """One thread; one per core with libgomp's own wait (the former default), with a short
+    spin, and with Soprano's default wait policy."""
+    from soprano.threads import OPENMP_DEFAULTS
+
+    cores = len(os.sched_getaffinity(0))  # what libgomp counts: a taskset limits it
+    defaults = ", ".join(f"{name}={value}" for name, value in OPENMP_DEFAULTS.items())
+    return [
+        ThreadSetting("1 thread", 1, LIBGOMP_DEFAULT_WAIT),
+        ThreadSetting(
+            f"{cores} threads, libgomp's default wait (before)", cores, LIBGOMP_DEFAULT_WAIT
+        ),
+        ThreadSetting(f"{cores} threads, GOMP_SPINCOUNT=1000", cores, {"GOMP_SPINCOUNT": "1000"}),
+        ThreadSetting(
+            f"Soprano's default: {cores} threads, {defaults}", None, dict(OPENMP_DEFAULTS)
+        ),
+    ]
+
+
+@contextlib.contextmanager
+def competitors(
+    count: int, lifetime: float = COMPETITOR_LIFETIME
+) -> Iterator[list[subprocess.Popen[str]]]:
+    """`count` CPU-bound processes, each spinning for at most `lifetime` seconds and running
+    when this yields; on leaving, whatever happened, they are killed and reaped."""
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(count):
+            process = subprocess.Popen(
+                [sys.executable, "-c", BUSY_LOOP, str(lifetime)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            processes.append(process)
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != "spinning":
+                raise RuntimeError("a competitor process did not start")
+        yield processes
+    finally:
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+@contextlib.contextmanager
+def _openmp_environment(variables: dict[str, str]) -> Iterator[None]:
+    """os.environ with exactly `variables` of OPENMP_VARIABLES set, restored on leaving: a
+    spawned worker starts with the environment of the moment it is started."""
+    saved = {name: os.environ.get(name) for name in OPENMP_VARIABLES}
+    try:
+        for name in OPENMP_VARIABLES:
+            os.environ.pop(name, None)
+        os.environ.update(variables)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _contention_runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], Any]]:
+    """`served`: the sentence through the serving layer, the servers' path, whose engine thread
+    is not the thread that loaded the model (so the process has two OpenMP thread teams)."""
+    from soprano.lm import SamplingParams
+    from soprano.serving import SpeechService
+    from soprano.text import prepare_text
+
+    services: list[SpeechService] = []
+
+    def served(text: str) -> dict[str, float]:
+        if not services:
+            services.append(SpeechService(tts))
+        params = SamplingParams(max_new_tokens=settings.sentence_tokens)
+        start = time.perf_counter()
+        first, samples = 0.0, 0
+        for chunk in services[0].submit(prepare_text(text), params):
+            first = first or time.perf_counter() - start
+            samples += len(chunk)
+        rate = samples / SAMPLE_RATE / (time.perf_counter() - start)
+        return {SERVED_FIRST_AUDIO: first * 1000, SERVED_RATE: rate}
+
+    return {"served": served}
+
+
+def run_contention(
+    device: str, repeats: int, settings: Settings, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Every thread setting next to 0, 1 and 2 competitors, interleaved: per repeat and load,
+    each setting runs each task in turn (the settings' order rotates from repeat to repeat)."""
+    checkpoint = ensure_checkpoint()
+    load_before = os.getloadavg()[0]
+    context = multiprocessing.get_context("spawn")
+    setups = thread_settings()
+    pipes: dict[str, Connection] = {}
+    processes = []
+    results: dict[str, dict[str, list[float]]] = {setup.label: {} for setup in setups}
+    try:
+        for setup in setups:
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=worker,
+                args=(setup.spec, str(checkpoint), device, None, settings, child),
+                daemon=True,
+            )
+            with _openmp_environment(setup.environment):
+                process.start()
+            pipes[setup.label] = parent
+            processes.append(process)
+        for label, pipe in pipes.items():
+            if pipe.recv() != "ready":
+                raise RuntimeError(f"worker for {label} did not start")
+            log(f"loaded {label}")
+        for repeat in range(repeats):
+            order = setups[repeat % len(setups) :] + setups[: repeat % len(setups)]
+            for load in COMPETITOR_LOADS:
+                with competitors(load):
+                    for setup, task in itertools.product(order, CONTENTION_TASKS):
+                        pipes[setup.label].send(task)
+                        value = pipes[setup.label].recv()
+                        values = value if isinstance(value, dict) else {task.label: value}
+                        for label, figure in values.items():
+                            results[setup.label].setdefault(f"{label} | {load}", []).append(figure)
+                log(f"repeat {repeat + 1}/{repeats}, {load} competing processes: done")
+        for pipe in pipes.values():
+            pipe.send(None)
+            pipe.recv()
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    medians = {
+        label: {key: statistics.median(values) for key, values in by_task.items()}
+        for label, by_task in results.items()
+    }
+    return {
+        "machine": machine(None) | {"load_before": load_before, "load_after": os.getloadavg()[0]},
+        "command": " ".join(["script/benchmark", *sys.argv[1:]]),
+        "settings": settings.__dict__ | {"repeats": repeats, "device": device},
+        "thread_settings": {
+            setup.label: {"threads": setup.threads, "environment": setup.environment}
+            for setup in setups
+        },
+        "medians": medians,
+        "samples": results,
+    }
+
+
+def contention_table(report: dict[str, Any]) -> str:
+    """Markdown: per measurement, one row per thread setting and one column per number of
+    competing processes; (×) is the time taken against the former default's with none."""
+    medians = report["medians"]
+    labels = list(medians)
+    baseline = labels[1]
+    measurements = list(dict.fromkeys(key.rpartition(" | ")[0] for key in medians[baseline]))
+    lines = []
+    for measurement in measurements:
+        lower_is_better = measurement.endswith("ms)")
+        base = medians[baseline][f"{measurement} | 0"]
+        lines += [
+            f"| {measurement} | " + " | ".join(f"{n} busy" for n in COMPETITOR_LOADS) + " |",
+            "|---|" + "---:|" * len(COMPETITOR_LOADS),
+        ]
+        for label in labels:
+            cells = []
+            for load in COMPETITOR_LOADS:
+                value = medians[label][f"{measurement} | {load}"]
+                slower = value / base if lower_is_better else base / value
+                cells.append(f"{_figure(value)} ({slower:.1f}×)")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    settings = report["settings"]
+    m = report["machine"]
+    lines += [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average "
+        f"{m['load_before']:.1f} before, {m['load_after']:.1f} after. Medians of "
+        f"{settings['repeats']} interleaved runs; one sentence of {settings['sentence_tokens']} "
+        f'tokens ({settings["sentence_tokens"] / TOKENS_PER_SECOND:.1f} s of audio). "N busy": '
+        "N single-threaded busy loops beside it. (×): the time it took against the time of "
+        f'"{baseline}" with none (2.0× is twice as slow).',
+        f"Command: {report['command']}",
+    ]
+    return "\n".join(lines)
+
+
+def _figure(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -434,16 +677,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead of speed, measure what each native option computes against transformers",
     )
+    parser.add_argument(
+        "--contention",
+        action="store_true",
+        help="instead of the backends, the thread settings next to 0, 1 and 2 busy processes",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    settings = Settings(args.lm_tokens, args.sentence_tokens, args.decoder_tokens)
+    if args.contention:
+        report = run_contention(args.device, args.repeats, settings, log=_stderr)
+        print(json.dumps(report, indent=2) if args.json else contention_table(report))
+        return 0
     if args.accuracy:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         report = accuracy(args.device, args.lm_tokens, list(ACCURACY_VARIANTS))
         print(json.dumps(report, indent=2) if args.json else accuracy_table(report))
         return 0
-    settings = Settings(args.lm_tokens, args.sentence_tokens, args.decoder_tokens)
     backends = [spec for spec in args.backends.split(",") if spec]
     for spec in backends:
         name, options = parse_backend(spec)

@@ -28,6 +28,7 @@ from soprano.errors import BackendUnavailableError
 from soprano.lm.base import LanguageModel, SamplingParams, SequenceBatch, Step
 from soprano.lm.qwen3 import Qwen3, SequenceCache
 from soprano.lm.sampling import TokenSampler
+from soprano.threads import note_unset_wait_policy
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,7 +45,10 @@ class NativeLM(LanguageModel):
       first use; same results as without).
     - half_weights: where the kernels are off or cannot be built, on x86 CPUs, hold float32
       weights as exactly-representable fp16 for FBGEMM (same results, half the memory traffic).
-    - threads: torch's intra-op threads (None leaves torch's default, one per core).
+    - threads: the CPU threads of the kernels and of torch (torch.set_num_threads, for the
+      whole process; None leaves torch's default, one per core). With the kernels any count
+      gives the same bits. With more than one, OpenMP's wait policy decides what a busy host costs:
+      soprano.threads sets it when soprano is imported.
     """
 
     name = "native"
@@ -67,6 +71,8 @@ class NativeLM(LanguageModel):
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
             torch.set_num_threads(threads)
+        if device.type == "cpu" and torch.get_num_threads() > 1:
+            note_unset_wait_policy()
         config = checkpoint.config
         model = Qwen3.from_hf_state(config, checkpoint.load_lm_state())
         if dtype == "int8":

@@ -14,15 +14,22 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #if defined(__linux__)
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #if defined(__AVX512BF16__)
@@ -118,6 +125,173 @@ inline Vec fast_exp(Vec x) {
 inline float fast_exp(float x) { return fast_exp(splat(x))[0]; }
 
 // ---------------------------------------------------------------------------------------------
+// The kernels' threads (docs/kernels.md, "Threads"). A parallel loop hands out runs of its range
+// that the calling thread and the pool's workers claim as they come, and it returns once every
+// run is done: it never waits for a worker that has not started. A worker that the OS has
+// descheduled (a host whose cores run other work) costs at most the run it is computing, where
+// an OpenMP region waits at its closing barrier for every thread of its team. Idle workers spin
+// for a moment, so that the ~70 loops of a decode step find them awake, then sleep.
+
+#if defined(__linux__)
+inline void futex_wait(std::atomic<uint32_t>& word, uint32_t expected) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, nullptr,
+          nullptr, 0);
+}
+
+inline void futex_wake(std::atomic<uint32_t>& word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr,
+          nullptr, 0);
+}
+#else
+inline void futex_wait(std::atomic<uint32_t>&, uint32_t) { std::this_thread::yield(); }
+inline void futex_wake(std::atomic<uint32_t>&) {}
+#endif
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// How long a thread that waits spins before it sleeps: longer than the gaps between the loops
+// of a step (norms, one row's attention: tens of µs), shorter than a time slice.
+static const std::chrono::microseconds kSpinBeforeSleep{
+    std::getenv("SOPRANO_POOL_SPIN_US") ? std::atoi(std::getenv("SOPRANO_POOL_SPIN_US")) : 200};
+
+// Spins until done() or kSpinBeforeSleep has passed; returns done().
+template <typename Done>
+bool spin_until(const Done& done) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+  for (int round = 0;; ++round) {
+    if (done()) return true;
+    if (round % 64 == 63 && std::chrono::steady_clock::now() > deadline) return done();
+    relax();
+  }
+}
+
+class ThreadPool {
+ public:
+  using Body = void (*)(const void* context, int64_t begin, int64_t end);
+
+  static ThreadPool& instance() {
+    static ThreadPool* pool = new ThreadPool();  // never destroyed: workers sleep through exit
+    return *pool;
+  }
+
+  // body(context, begin, end) over runs of `claim` that cover [0, count), on at most `threads`
+  // threads, this one included. Runs on this thread alone where that is all there is to do,
+  // and where another thread's loop holds the pool (or this is a loop inside a loop).
+  void run(int64_t count, int64_t claim, int64_t threads, Body body, const void* context) {
+    std::unique_lock<std::mutex> exclusive(mutex_, std::defer_lock);
+    if (threads < 2 || count <= claim || !exclusive.try_lock()) {
+      body(context, 0, count);
+      return;
+    }
+    TORCH_CHECK(count < kFinished - claim, "a parallel loop of ", count, " items");
+    const int64_t runs = (count + claim - 1) / claim;
+    const int64_t helpers = std::min<int64_t>({threads - 1, runs - 1, kMaxWorkers});
+    while (static_cast<int64_t>(workers_.size()) < helpers) {
+      const int64_t id = static_cast<int64_t>(workers_.size());
+      workers_.emplace_back([this, id] { serve(id); });
+      workers_.back().detach();
+    }
+    body_.store(body, std::memory_order_relaxed);
+    context_.store(context, std::memory_order_relaxed);
+    count_.store(count, std::memory_order_relaxed);
+    claim_.store(claim, std::memory_order_relaxed);
+    helpers_.store(helpers, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t epoch = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    state_.store(epoch << 32, std::memory_order_release);
+    wake_.fetch_add(1);
+    if (sleepers_.load() > 0) futex_wake(wake_);
+    work(epoch);
+    const auto finished = [&] { return finished_.load() == static_cast<uint32_t>(epoch); };
+    while (!spin_until(finished)) {
+      waiting_.store(true);
+      if (!finished()) futex_wait(finished_, static_cast<uint32_t>(epoch - 1));
+      waiting_.store(false);
+    }
+    // Any worker that still looks at this loop now finds nothing left to claim.
+    state_.store((epoch << 32) | kFinished, std::memory_order_release);
+  }
+
+ private:
+  static constexpr uint64_t kFinished = 0xFFFFFFFFu;  // the index of a loop that has ended
+  static constexpr int64_t kMaxWorkers = 255;
+
+  // A worker: wait for a loop, help with it, and so on.
+  void serve(int64_t id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto fresh = [&] { return state_.load() >> 32 != seen; };
+      while (!spin_until(fresh)) {
+        const uint32_t word = wake_.load();
+        sleepers_.fetch_add(1);
+        if (!fresh()) futex_wait(wake_, word);
+        sleepers_.fetch_sub(1);
+      }
+      seen = state_.load() >> 32;
+      if (id < helpers_.load(std::memory_order_relaxed)) work(seen);
+    }
+  }
+
+  // Claim and run runs of loop `epoch` until none is left. The fields read here may already
+  // belong to a later loop when this thread comes late, but then the claim fails: a loop's
+  // fields change only after it has ended, and it ends only once every claimed run is done.
+  void work(uint64_t epoch) {
+    const Body body = body_.load(std::memory_order_relaxed);
+    const void* context = context_.load(std::memory_order_relaxed);
+    const int64_t count = count_.load(std::memory_order_relaxed);
+    const int64_t claim = claim_.load(std::memory_order_relaxed);
+    uint64_t state = state_.load(std::memory_order_acquire);
+    for (;;) {
+      const int64_t begin = static_cast<int64_t>(state & kFinished);
+      if (state >> 32 != epoch || begin >= count) return;
+      if (!state_.compare_exchange_weak(state, state + claim, std::memory_order_acquire)) {
+        continue;
+      }
+      const int64_t end = std::min(count, begin + claim);
+      body(context, begin, end);
+      if (done_.fetch_add(end - begin, std::memory_order_acq_rel) + (end - begin) == count) {
+        finished_.store(static_cast<uint32_t>(epoch));
+        if (waiting_.load()) futex_wake(finished_);
+      }
+      state = state_.load(std::memory_order_acquire);
+    }
+  }
+
+  std::mutex mutex_;  // one loop at a time; held by its calling thread
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> state_{0};  // the current loop's epoch (high half), next index (low)
+  std::atomic<Body> body_{nullptr};
+  std::atomic<const void*> context_{nullptr};
+  std::atomic<int64_t> count_{0}, claim_{0}, helpers_{0}, done_{0};
+  std::atomic<uint32_t> wake_{0}, finished_{0};  // futex words: a new loop; a loop's end
+  std::atomic<int64_t> sleepers_{0};
+  std::atomic<bool> waiting_{false};
+};
+
+// f(begin, end) over [0, count) in runs of `claim` on the kernels' threads (as many as
+// torch.set_num_threads says). f must not throw.
+template <typename F>
+void parallel_runs(int64_t count, int64_t claim, const F& f) {
+  static const bool openmp = std::getenv("SOPRANO_OPENMP_LOOPS") != nullptr;
+  if (openmp) {
+    at::parallel_for(0, count, claim, f);
+    return;
+  }
+  ThreadPool::instance().run(
+      count, claim, at::get_num_threads(),
+      [](const void* context, int64_t begin, int64_t end) {
+        (*static_cast<const F*>(context))(begin, end);
+      },
+      &f);
+}
+
+// ---------------------------------------------------------------------------------------------
 // GEMM: y[m, n] (+)= sum_k x[m, k] * W[n, k], W packed as panels [n / kPanelWidth][k][kPanelWidth]
 // of bf16 (the LM's weights) or float32 (the decoder's). A panel product multiplies up to
 // kMaxPanelRows rows of x by one panel.
@@ -174,13 +348,17 @@ constexpr PanelProduct<Weight> kPanelProducts[] = {
     panel_product<8, Weight>};
 static_assert(sizeof(kPanelProducts<float>) / sizeof(kPanelProducts<float>[0]) > kMaxPanelRows);
 
-// y (+)= x · Wᵀ over all panels, threads taking whole panels. Input is a float (or, for bf16
-// products, a bf16 pair); a panel has `depth` rows of kPanelWidth Weight words.
+// Runs of panels per thread in a product: a few, so that the threads share them as they come.
+constexpr int64_t kClaimsPerThread = 4;
+
+// y (+)= x · Wᵀ over all panels, threads claiming runs of whole panels. Input is a float (or,
+// for bf16 products, a bf16 pair); a panel has `depth` rows of kPanelWidth Weight words. Which
+// thread computes a panel never changes its arithmetic.
 template <typename Input, typename Weight, typename Product>
 void product_over_panels(const Input* x, int64_t x_stride, int64_t rows, const Weight* weights,
                          int64_t count, int64_t depth, float* y, int64_t y_stride,
                          bool accumulate, const Product* products) {
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+  auto multiply = [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const Weight* panel = weights + p * depth * kPanelWidth;
       const Weight* next = p + 1 < end ? panel + depth * kPanelWidth : nullptr;
@@ -191,7 +369,9 @@ void product_over_panels(const Input* x, int64_t x_stride, int64_t rows, const W
                         rows > 1 ? next : nullptr);
       }
     }
-  });
+  };
+  const int64_t threads = at::get_num_threads();
+  parallel_runs(count, std::max<int64_t>(1, count / (threads * kClaimsPerThread)), multiply);
 }
 
 #if defined(__AVX512BF16__)
@@ -426,7 +606,7 @@ class Qwen3Forward {
       };
       norm_rows(x_, layer.input_norm, rows, normed_);
       gemm(normed_, hidden_, rows, layer.qkv, qkv_, qkv_width, false);
-      at::parallel_for(0, rows, key_grain, [&](int64_t begin, int64_t end) {
+      parallel_runs(rows, key_grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t position = position_[r];
           const int64_t capacity = keys[owner_[r]].size(2);
@@ -436,7 +616,7 @@ class Qwen3Forward {
                      layer_cache(values, r) + position * head_dim_, capacity);
         }
       });
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      parallel_runs(rows, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           attend(qkv_ + r * qkv_width, layer_cache(keys, r), layer_cache(values, r),
                  keys[owner_[r]].size(2), position_[r] + 1, attended_ + r * attention_width);
@@ -445,7 +625,7 @@ class Qwen3Forward {
       gemm(attended_, attention_width, rows, layer.o, x_, hidden_, true);
       norm_rows(x_, layer.post_attention_norm, rows, normed_);
       gemm(normed_, hidden_, rows, layer.gate_up, gate_up_, 2 * intermediate_, false);
-      at::parallel_for(0, rows, activation_grain, [&](int64_t begin, int64_t end) {
+      parallel_runs(rows, activation_grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const float* gate = gate_up_ + r * 2 * intermediate_;
           silu_times(gate, gate + intermediate_, intermediate_, activated_ + r * intermediate_);
@@ -467,7 +647,7 @@ class Qwen3Forward {
   void norm_rows(const float* x, const at::Tensor& weight, int64_t rows, float* out) const {
     const float* w = weight.data_ptr<float>();
     const int64_t grain = rows_worth_a_thread(hidden_);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    parallel_runs(rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         rms_norm(x + r * hidden_, w, hidden_, eps_, out + r * hidden_);
       }
