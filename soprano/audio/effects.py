@@ -49,7 +49,6 @@ LIMITER_BLOCK = 4096
 the same arithmetic however the stream is chunked (its cost is one vectorised pass per block)."""
 
 _EMPTY = np.zeros(0, dtype=np.float32)
-_EMPTY.flags.writeable = False
 
 
 @dataclass(frozen=True)
