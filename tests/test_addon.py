@@ -219,8 +219,7 @@ def run_script_command(tmp_path: Path, options: dict[str, Any]) -> list[str]:
     recorded = tmp_path / "argv.json"
     stand_in = bin_dir / "python3"
     stand_in.write_text(
-        "#!/bin/bash\n"
-        f'jq -n \'$ARGS.positional\' --args -- "$@" > {shlex.quote(str(recorded))}\n'
+        f"#!/bin/bash\njq -n '$ARGS.positional' --args -- \"$@\" > {shlex.quote(str(recorded))}\n"
     )
     stand_in.chmod(0o755)
     bashio = tmp_path / "bashio.sh"
