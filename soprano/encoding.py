@@ -4,8 +4,9 @@ Every encoder works incrementally, so a frontend can send audio while it is bein
 every one starts from the same 16-bit PCM (`soprano.audio.to_pcm16`), so the lossless formats
 decode to identical samples. Libraries: wav and pcm need only the standard library; flac and opus
 use libsndfile (`soundfile`), opus after resampling to 48 kHz with `soxr` because Opus has no
-32 kHz mode; mp3 uses LAME (`lameenc`). Those three packages come with the `http` extra and are
-imported only when their format is asked for.
+32 kHz mode; mp3 uses LAME (`lameenc`). soundfile and lameenc come with the `http` extra (soxr
+with the engine, for the audio options), and all three are imported only when their format is
+asked for.
 """
 
 from __future__ import annotations

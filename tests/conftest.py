@@ -47,3 +47,12 @@ def endless_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(
         tmp_path_factory.mktemp("soprano-endless"), size="tiny", seed=2, stop_scale=0.0
     )
+
+
+@pytest.fixture(scope="session")
+def voice_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder holding one checkpoint folder, `second`: a voice that servers find there
+    (a different checkpoint from every other fixture's, so its audio differs)."""
+    data_dir = tmp_path_factory.mktemp("voices")
+    make_checkpoint(data_dir / "second", size="tiny", decoder="80m", seed=4)
+    return data_dir

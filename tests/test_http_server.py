@@ -67,10 +67,12 @@ def whole(streamed: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def server(endless_checkpoint: Path) -> Iterator[str]:
-    """The server's base URL, once it prints that it serves."""
+def server(endless_checkpoint: Path, voice_data_dir: Path) -> Iterator[str]:
+    """The server's base URL, once it prints that it serves. Its default voice is the endless
+    checkpoint; it finds a second voice in its data folder."""
     command = [SERVER, "--model", str(endless_checkpoint), "--device", "cpu", "--port", "0",
-               "--log-level", "warning", "--max-input-chars", "200"]  # fmt: skip
+               "--log-level", "warning", "--max-input-chars", "200",
+               "--data-dir", str(voice_data_dir)]  # fmt: skip
     with serving_process(command, "soprano-server: serving ", timeout=120) as ready:
         yield ready.rsplit(" ", 1)[-1]
 
@@ -237,7 +239,8 @@ def test_sse_sends_one_delta_per_generated_chunk_then_usage(
          "response_format: Input should be 'mp3', 'opus', 'aac', 'flac', 'wav' or 'pcm', "
          "got 'ogg'", "response_format"),
         ({"instructions": "Whisper."},
-         "instructions are not supported: Soprano has one voice", "instructions"),
+         "instructions are not supported: Soprano cannot be directed; choose a voice instead",
+         "instructions"),
         ({"input": " "}, "input is empty: give the text to speak", "input"),
         ({"input": "x" * 201},
          "input is 201 characters; this server accepts at most 200 per request", "input"),
@@ -302,10 +305,12 @@ def test_models_health_and_openapi(
         "backend": "native",
         "device": "cpu",
         "sample_rate": SAMPLE_RATE,
+        "voices": [endless_checkpoint.name, "second"],
+        "default_voice": endless_checkpoint.name,
         "requests_in_progress": 0,
     }
     assert set(schema["paths"]) == {"/health", "/v1/models", "/v1/models/{model_id}",
-                                    "/v1/audio/speech"}  # fmt: skip
+                                    "/v1/audio/speech", "/v1/audio/voices"}  # fmt: skip
     speech_fields = schema["components"]["schemas"]["SpeechRequest"]["properties"]
     assert {"input", "response_format", "stream_format", "seed", "max_new_tokens"} <= set(
         speech_fields
@@ -419,6 +424,8 @@ class FailingService:
         self.tts = tts
         self.limits = ServingLimits()
         self.requests_in_progress = 0
+        self.voices = ("default",)
+        self.default_voice = "default"
 
     def submit(self, *args: object, **kwargs: object) -> None:
         raise RuntimeError("the engine is on fire")
@@ -435,3 +442,39 @@ def test_a_server_error_closes_the_connection(tts: SopranoTTS) -> None:
     assert failed.headers["connection"] == "close"
     assert "the engine is on fire" in failed.json()["error"]["message"]
     assert fine.status_code == 200 and "connection" not in fine.headers
+
+
+def test_voices_are_listed_as_open_webui_reads_them_and_each_speaks_as_itself(
+    client: openai.OpenAI, server: str, endless_checkpoint: Path, voice_data_dir: Path
+) -> None:
+    listed = httpx.get(f"{server}/v1/audio/voices").json()
+    second = SopranoTTS(model_path=voice_data_dir / "second", device="cpu")
+    expected = torch.cat(
+        list(second.infer_stream(TEXT, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, **SAMPLING))
+    )
+
+    assert listed == {
+        "voices": [
+            {"id": endless_checkpoint.name, "name": endless_checkpoint.name},
+            {"id": "second", "name": "second"},
+        ],
+        "default": endless_checkpoint.name,
+    }
+    check_audio(speak(client, "wav", voice="second"), "wav", expected)
+    check_audio(speak(client, "wav", voice={"id": "second"}), "wav", expected)
+
+
+def test_an_unknown_voice_is_a_400_that_lists_the_voices(
+    client: openai.OpenAI, endless_checkpoint: Path, whole: torch.Tensor
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.audio.speech.create(model="tts-1", voice="nobody", input=TEXT)
+
+    assert raised.value.body == {
+        "message": f"voice 'nobody' does not exist; this server has {endless_checkpoint.name}, "
+        "second",
+        "type": "invalid_request_error",
+        "param": "voice",
+        "code": None,
+    }
+    check_audio(speak(client, "wav", voice=endless_checkpoint.name), "wav", whole)

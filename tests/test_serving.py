@@ -293,7 +293,8 @@ def test_a_failed_request_raises_in_its_reader(tts: SopranoTTS) -> None:
     service = SpeechService(tts)
     failing = "This sentence makes the engine fail, sadly."
     (prompt,) = [tts.tokenizer.encode(s) for s in prepare_text(failing)]
-    service._scheduler._batch = PoisonedBatch(service._scheduler._batch, prompt)
+    scheduler = service._schedulers[service.default_voice]
+    scheduler._batch = PoisonedBatch(scheduler._batch, prompt)
     try:
         with pytest.raises(SynthesisError, match="fell over") as failure:
             list(service.submit(prepare_text(failing), GREEDY))
@@ -315,3 +316,13 @@ def test_a_burst_of_requests_starts_a_few_prompts_a_step(tts: SopranoTTS) -> Non
     run(scheduler)
     for received, text in zip(burst, OTHERS[:4], strict=True):
         assert_same_audio(tts, received.pcm, solo(tts, text))
+
+
+def test_a_request_for_a_voice_the_service_lacks_is_refused(tts: SopranoTTS) -> None:
+    service = SpeechService({"anna": tts}, default_voice="anna")
+    try:
+        with pytest.raises(ValueError, match="unknown voice 'bob'; this server has anna"):
+            service.submit(prepare_text(OTHERS[0]), GREEDY, voice="bob")
+        assert service.requests_in_progress == 0
+    finally:
+        service.close()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import soundfile
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -39,7 +40,7 @@ MP3_FRAME = 1152
 MP3_DELAY = 576
 TIMEOUT_MS = 120_000
 SUMMARY = re.compile(
-    r"(\d+\.\d\d) s of audio in \d+\.\d\d s \(\d+\.\d× real time\); first audio after \d+\.\d\d s"
+    r"(\S+): (\d+\.\d\d) s of audio in \d+\.\d\d s \(\d+\.\d× real time\); first audio after \d+\.\d\d s"
 )
 AUDIO_EVENTS = ("canplay", "playing", "error")
 RECORD_AUDIO_EVENTS = f"""
@@ -58,11 +59,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def webui(endless_checkpoint: Path) -> Iterator[str]:
-    """The page's URL, once the process says it serves."""
+def webui(endless_checkpoint: Path, voice_data_dir: Path) -> Iterator[str]:
+    """The page's URL, once the process says it serves. A second voice is in its data folder."""
     port = free_port()
     command = [
         *(WEBUI, "--model", str(endless_checkpoint), "--device", "cpu", "--port", str(port)),
+        *("--data-dir", str(voice_data_dir)),
         *("--temperature", "1", "--seed", "2", "--max-new-tokens", str(MAX_NEW_TOKENS)),
     ]
     with serving_process(command, "soprano-webui: serving on ", timeout=180):
@@ -86,7 +88,9 @@ def page(browser: Browser, webui: str) -> Iterator[Page]:
     page.close()
 
 
-def test_audio_plays_in_the_browser_while_it_is_streamed(page: Page, webui: str) -> None:
+def test_audio_plays_in_the_browser_while_it_is_streamed(
+    page: Page, webui: str, endless_checkpoint: Path
+) -> None:
     """Order of events as the browser reports them: the audio element can play before the
     download of the stream finishes, and it does play."""
     events: list[tuple[str, str]] = []
@@ -108,7 +112,8 @@ def test_audio_plays_in_the_browser_while_it_is_streamed(page: Page, webui: str)
     assert "playing" in names
     match = SUMMARY.search(summary.inner_text())
     assert match is not None
-    assert float(match.group(1)) == pytest.approx(EXPECTED_SECONDS, abs=0.005)
+    assert match.group(1) == endless_checkpoint.name  # the default voice
+    assert float(match.group(2)) == pytest.approx(EXPECTED_SECONDS, abs=0.005)
 
     replay = httpx.get(source, timeout=60)  # the same stream, finished, fetched again
     assert replay.headers["content-type"] == "audio/mpeg"
@@ -151,3 +156,28 @@ def test_examples_fill_the_text_box(page: Page) -> None:
     expect(page.get_by_label("Text")).to_have_value(
         re.compile(r"^The quick brown fox jumps over the lazy dog"), timeout=TIMEOUT_MS
     )
+
+
+def spoken_mp3(page: Page) -> np.ndarray:
+    """Speak the text box and return the finished MP3's samples."""
+    page.get_by_role("button", name="Speak").click()
+    page.locator("#soprano-status").get_by_text(SUMMARY).wait_for()
+    source = page.locator("audio#soprano-player").evaluate("audio => audio.currentSrc")
+    audio, _ = soundfile.read(io.BytesIO(httpx.get(source, timeout=60).content), dtype="int16")
+    return audio
+
+
+def test_the_voice_picker_speaks_with_the_chosen_voice(
+    page: Page, endless_checkpoint: Path
+) -> None:
+    page.get_by_label("Text").fill(TEXT)
+    default = spoken_mp3(page)
+    picker = page.get_by_label("Voice")
+    picker.click()
+    page.get_by_role("option", name="second").click()
+    expect(picker).to_have_value("second", timeout=TIMEOUT_MS)
+    second = spoken_mp3(page)
+
+    status = page.locator("#soprano-status").inner_text()
+    assert status.startswith("second: ")
+    assert len(default) != len(second) or not np.array_equal(default, second)

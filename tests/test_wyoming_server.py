@@ -73,6 +73,7 @@ LONG_TEXT = " ".join(
 AUDIO_FORMAT = (SAMPLE_RATE, SAMPLE_WIDTH, 1)
 IDLE_TIMEOUT = 1.0
 MAX_CONNECTIONS = 3
+SECOND_VOICE = "zweite"
 
 T = TypeVar("T")
 
@@ -157,7 +158,9 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_checkpoint: Path, endless_checkpoint: Path) -> Iterator[dict[str, ServerProcess]]:
+def servers(
+    tiny_checkpoint: Path, endless_checkpoint: Path, voice_data_dir: Path
+) -> Iterator[dict[str, ServerProcess]]:
     """The servers, started together so that their imports and model loads overlap.
 
     The busy one never says [STOP], so each of its sentences certainly runs 400 tokens.
@@ -178,8 +181,17 @@ def servers(tiny_checkpoint: Path, endless_checkpoint: Path) -> Iterator[dict[st
             *("--idle-timeout", str(IDLE_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS)),
             "--debug",
         ),
+        "voices": ServerProcess(
+            *("--voice", str(tiny_checkpoint), "--device", "cpu"),
+            *("--voice", f"{SECOND_VOICE}={voice_data_dir / 'second'},language=de_DE"),
+            *("--max-new-tokens", str(MAX_NEW_TOKENS)),
+            *("--samples-per-chunk", str(SAMPLES_PER_CHUNK)),
+        ),
         "stdio": ServerProcess(
-            *model, *("--max-new-tokens", str(MAX_NEW_TOKENS), "--no-streaming"), stdio=True
+            *model,
+            *("--max-new-tokens", str(MAX_NEW_TOKENS), "--no-streaming"),
+            *("--idle-timeout", str(IDLE_TIMEOUT)),
+            stdio=True,
         ),
     }
     try:
@@ -207,6 +219,16 @@ def busy_server(servers: dict[str, ServerProcess]) -> ServerProcess:
 @pytest.fixture(scope="module")
 def guarded_server(servers: dict[str, ServerProcess]) -> ServerProcess:
     return servers["guarded"]
+
+
+@pytest.fixture(scope="module")
+def voices_server(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["voices"]
+
+
+@pytest.fixture(scope="module")
+def second_engine(voice_data_dir: Path) -> SopranoTTS:
+    return SopranoTTS(device="cpu", model_path=voice_data_dir / "second")
 
 
 @pytest.fixture(scope="module")
@@ -636,7 +658,8 @@ def test_client_leaving_mid_stream_stops_its_generation_and_others_are_served(
 def test_stdio_server_without_streaming_flag_still_handles_streams(
     stdio_server: ServerProcess, engine: SopranoTTS
 ) -> None:
-    """stdio:// with --no-streaming: streaming is not advertised, but a stream still works."""
+    """stdio:// with --no-streaming: streaming is not advertised, but a stream still works;
+    and its one connection is never closed for idling (its peer started the server)."""
     process = stdio_server.process
     assert process.stdin is not None and process.stdout is not None
 
@@ -650,6 +673,7 @@ def test_stdio_server_without_streaming_flag_still_handles_streams(
 
     write_event(Describe().event(), process.stdin)
     [info] = read_through("info")
+    time.sleep(2 * IDLE_TIMEOUT)  # idle past --idle-timeout, which TCP connections would not be
     write_event(Synthesize(TEXT).event(), process.stdin)
     one_shot = read_through("audio-stop")
     for event in (SynthesizeStart(), SynthesizeChunk(TEXT), SynthesizeStop()):
@@ -829,3 +853,68 @@ def test_repeated_event_loop_errors_are_logged_once_per_interval() -> None:
         handler(loop, {"message": "socket.accept() out of system resource"})  # type: ignore[arg-type]
     handler(loop, {"message": "another error"})  # type: ignore[arg-type]
     assert loop.logged == 2
+
+
+def test_describe_lists_every_voice_with_its_language(
+    voices_server: ServerProcess, tiny_checkpoint: Path
+) -> None:
+    [program] = Info.from_event(run(describe(voices_server))).tts
+    assert [(voice.name, voice.languages) for voice in program.voices] == [
+        (tiny_checkpoint.name, ["en_US"]),
+        (SECOND_VOICE, ["de_DE"]),
+    ]
+    assert all(voice.installed and voice.description for voice in program.voices)
+
+
+async def synthesize_pcm(server: ServerProcess, text: str, voice: str | None) -> bytes:
+    client = await connect(server)
+    chosen = SynthesizeVoice(name=voice) if voice is not None else None
+    await client.write_event(Synthesize(text, voice=chosen).event())
+    events = await events_through(client, "audio-stop")
+    await client.disconnect()
+    [pcm] = audio_cycles(events, SAMPLES_PER_CHUNK)
+    return pcm
+
+
+def test_synthesize_speaks_with_the_voice_it_names_and_others_at_the_same_time(
+    voices_server: ServerProcess, engine: SopranoTTS, second_engine: SopranoTTS
+) -> None:
+    async def scenario() -> list[bytes]:
+        return await asyncio.gather(
+            synthesize_pcm(voices_server, TEXT, SECOND_VOICE),
+            synthesize_pcm(voices_server, TEXT, None),
+            synthesize_pcm(voices_server, OTHER_TEXTS[0], SECOND_VOICE),
+        )
+
+    second, default, other = run(scenario())
+    assert second == reference_pcm(second_engine, TEXT)
+    assert default == reference_pcm(engine, TEXT)
+    assert other == reference_pcm(second_engine, OTHER_TEXTS[0])
+    assert second != default
+
+
+def test_an_unknown_voice_falls_back_to_the_default_with_a_log_line(
+    voices_server: ServerProcess, engine: SopranoTTS, tiny_checkpoint: Path
+) -> None:
+    pcm = run(synthesize_pcm(voices_server, OTHER_TEXTS[1], "forgotten-voice"))
+    assert pcm == reference_pcm(engine, OTHER_TEXTS[1])
+    voices_server.wait_for_log(
+        f"Unknown voice 'forgotten-voice'; speaking with {tiny_checkpoint.name}"
+    )
+
+
+def test_a_stream_speaks_with_the_voice_of_its_start(
+    voices_server: ServerProcess, second_engine: SopranoTTS
+) -> None:
+    async def scenario() -> list[Event]:
+        client = await connect(voices_server)
+        await client.write_event(SynthesizeStart(voice=SynthesizeVoice(SECOND_VOICE)).event())
+        for start in range(0, len(TEXT), 7):
+            await client.write_event(SynthesizeChunk(TEXT[start : start + 7]).event())
+        await client.write_event(SynthesizeStop().event())
+        events = await events_through(client, "synthesize-stopped")
+        await client.disconnect()
+        return events
+
+    cycles = audio_cycles(run(scenario()), SAMPLES_PER_CHUNK)
+    assert b"".join(cycles) == reference_pcm(second_engine, TEXT)

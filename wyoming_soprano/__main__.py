@@ -10,28 +10,29 @@ import signal
 import sys
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from wyoming.event import async_get_stdin, async_get_stdout
 from wyoming.server import AsyncServer, AsyncStdioServer, AsyncTcpServer, HandlerFactory
 
-from soprano import SopranoTTS
 from soprano.apps.options import (
-    add_backend_option_arguments,
+    add_model_arguments,
     add_sampling_arguments,
     add_serving_arguments,
-    backend_options,
+    add_voice_arguments,
     sampling_params,
     serving_limits,
+    voice_catalog,
+    voice_loaders,
 )
-from soprano.constants import DEFAULT_MODEL, TOKEN_SAMPLES
+from soprano.constants import TOKEN_SAMPLES
 from soprano.errors import SopranoError
-from soprano.lm import BACKENDS, SamplingParams
+from soprano.lm import SamplingParams
 from soprano.serving import SpeechService
+from soprano.serving.voices import VoiceCatalog
 from wyoming_soprano import __version__
 from wyoming_soprano.handler import ConnectionCount, ServerContext, SopranoEventHandler
-from wyoming_soprano.info import PROGRAM_NAME, build_info, voice_name
+from wyoming_soprano.info import PROGRAM_NAME, build_info
 from wyoming_soprano.zeroconf import AnnouncementError, ZeroconfAnnouncer, advertised_address
 
 _LOGGER = logging.getLogger("wyoming_soprano")
@@ -74,27 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--uri", default=DEFAULT_URI, help="tcp://HOST:PORT, unix:///PATH or stdio:// (default)"
     )
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Hugging Face repo id or checkpoint folder (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        action="append",
-        default=[],
-        help="Folder searched for a checkpoint folder named after the model (repeatable)",
-    )
-    parser.add_argument(
-        "--download-dir",
-        help="Where a repo id is downloaded to and cached (default: first --data-dir, "
-        "else the Hugging Face cache)",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    parser.add_argument(
-        "--backend", default="auto", choices=BACKENDS, help="language-model backend"
-    )
-    add_backend_option_arguments(parser)
+    add_model_arguments(parser)
+    add_voice_arguments(parser)
     add_sampling_arguments(parser, "sampling for every request")
     add_serving_arguments(parser)
     parser.add_argument(
@@ -110,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="close a connection that completes no event for this long while nothing is "
-        "being spoken for it (default: %(default)s)",
+        "being spoken for it; stdio has no limit (default: %(default)s)",
     )
     parser.add_argument(
         "--max-connections",
@@ -170,62 +152,36 @@ def main(argv: list[str] | None = None) -> int:
     sampling = sampling_params(parser, args)
     limits = serving_limits(parser, args)
 
+    catalog = voice_catalog(parser, args)
     try:
-        service = SpeechService(partial(load_engine, args), limits)
+        service = SpeechService(voice_loaders(args, catalog), limits, catalog.default)
     except (SopranoError, ValueError) as error:  # one line for a missing model, no traceback
         _LOGGER.error("Cannot load the model: %s", error)
         return 1
     except KeyboardInterrupt:
         return 130
     try:
-        return asyncio.run(serve(args, server, service, sampling))
+        return asyncio.run(serve(args, server, service, catalog, sampling))
     except (AnnouncementError, OSError) as error:
         _LOGGER.error("Cannot serve: %s", error)
         return 1
-
-
-def load_engine(args: argparse.Namespace) -> SopranoTTS:
-    """Load the model once per process; every connection shares it."""
-    model = find_model(args.model, args.data_dir)
-    download_dir = args.download_dir or (args.data_dir[0] if args.data_dir else None)
-    _LOGGER.info("Loading model %s", model)
-    tts = SopranoTTS(
-        backend=args.backend,
-        device=args.device,
-        model_path=model,
-        cache_dir=download_dir,
-        backend_options=backend_options(args),
-    )
-    _LOGGER.info("Model %s on device %s with the %s backend", model, tts.device, tts.backend)
-    return tts
-
-
-def find_model(model: str, data_dirs: list[str]) -> str:
-    """A checkpoint folder named after the model in a data dir wins over the hub or its cache."""
-    if Path(model).expanduser().is_dir():
-        return model
-    for data_dir in data_dirs:
-        folder = Path(data_dir) / voice_name(model)
-        if folder.is_dir():
-            return str(folder)
-    return model
 
 
 async def serve(
     args: argparse.Namespace,
     server: AsyncServer,
     service: SpeechService,
+    catalog: VoiceCatalog,
     sampling: SamplingParams,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or, on stdio, until stdin closes)."""
     context = ServerContext(
-        info_event=build_info(args.model, streaming=not args.no_streaming).event(),
+        info_event=build_info(catalog, streaming=not args.no_streaming).event(),
         service=service,
         sampling=sampling,
         chunk_size=max(1, args.samples_per_chunk // TOKEN_SAMPLES),
         samples_per_chunk=args.samples_per_chunk,
-        voice_name=voice_name(args.model),
-        idle_timeout=args.idle_timeout,
+        idle_timeout=None if isinstance(server, AsyncStdioServer) else args.idle_timeout,
         connections=ConnectionCount(args.max_connections),
     )
     handler_factory = partial(SopranoEventHandler, context=context)

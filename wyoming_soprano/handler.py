@@ -65,9 +65,9 @@ class ServerContext:
     chunk_size: int
     """Tokens in the first streamed chunk of a sentence (later ones grow)."""
     samples_per_chunk: int
-    voice_name: str
-    idle_timeout: float
-    """Seconds a connection may take to complete an event while nothing is spoken for it."""
+    idle_timeout: float | None
+    """Seconds a connection may take to complete an event while nothing is spoken for it
+    (None: no limit, for stdio, whose one peer is the process that started the server)."""
     connections: ConnectionCount
 
 
@@ -101,6 +101,8 @@ class SopranoEventHandler(AsyncEventHandler):
         super().__init__(reader, writer)
         self.context = context
         self._stream: SentenceStream | None = None
+        self._stream_voice: str | None = None
+        """The voice that synthesize-start asked for: the stream's sentences use it."""
         self._replies: asyncio.Queue[Reply | None] = asyncio.Queue()
         self._room = asyncio.Semaphore(MAX_QUEUED_REPLIES)
         self._unfinished: set[SpeechStream] = set()
@@ -170,6 +172,8 @@ class SopranoEventHandler(AsyncEventHandler):
         """The next event, or None at EOF or once the connection has idled too long: a client
         that completes no event within `idle_timeout` seconds while nothing is being spoken
         for it (an idle connection, or a header trickled byte by byte) is let go."""
+        if self.context.idle_timeout is None:
+            return await read_event(self.reader)
         reading = asyncio.ensure_future(read_event(self.reader))
         try:
             while True:
@@ -189,14 +193,14 @@ class SopranoEventHandler(AsyncEventHandler):
             if self._stream is not None:
                 _LOGGER.debug("Ignoring the whole-text synthesize sent inside a stream")
             else:
-                self._check_options(event.data)
+                voice = self._check_options(event.data)
                 sentences = await asyncio.to_thread(prepare_text, _text(event.data))
-                await self._speak(sentences, announce_empty=True)
+                await self._speak(sentences, voice, announce_empty=True)
         elif SynthesizeStart.is_type(event.type):
             if self._stream is not None:
                 _LOGGER.debug("synthesize-start inside a stream ends the open stream first")
                 await self._end_stream()
-            self._check_options(event.data)
+            self._stream_voice = self._check_options(event.data)
             self._stream = SentenceStream()
         elif SynthesizeChunk.is_type(event.type):
             if self._stream is None:
@@ -204,14 +208,15 @@ class SopranoEventHandler(AsyncEventHandler):
             else:
                 sentences = await asyncio.to_thread(self._stream.add, _text(event.data))
                 if sentences:
-                    await self._speak(sentences, announce_empty=False)
+                    await self._speak(sentences, self._stream_voice, announce_empty=False)
         elif SynthesizeStop.is_type(event.type):
             await self._end_stream()
         else:
             _LOGGER.debug("Ignoring event %s", event.type)
         return True
 
-    def _check_options(self, data: dict[str, Any]) -> None:
+    def _check_options(self, data: dict[str, Any]) -> str:
+        """The voice to speak with; refuses what cannot be honoured."""
         text_format = data.get("text_format")
         if text_format not in (None, PLAIN_TEXT):
             raise RequestError(
@@ -222,14 +227,22 @@ class SopranoEventHandler(AsyncEventHandler):
         if voice is not None and not isinstance(voice, dict):
             raise RequestError("'voice' must be an object", "InvalidRequest")
         name = (voice or {}).get("name")
-        if name is not None and name != self.context.voice_name:
-            _LOGGER.debug("Unknown voice %r; using %s", name, self.context.voice_name)
+        service = self.context.service
+        if name is None:
+            return service.default_voice
+        if name not in service.voices:
+            # Home Assistant sends the voice it remembers, which may be gone from this server.
+            _LOGGER.info("Unknown voice %r; speaking with %s", name, service.default_voice)
+            return service.default_voice
+        return str(name)
 
-    async def _speak(self, sentences: list[str], announce_empty: bool) -> None:
+    async def _speak(self, sentences: list[str], voice: str | None, announce_empty: bool) -> None:
         await self._room.acquire()
         context = self.context
         try:
-            stream = context.service.submit(sentences, context.sampling, context.chunk_size)
+            stream = context.service.submit(
+                sentences, context.sampling, context.chunk_size, voice=voice
+            )
         except (SopranoError, ValueError) as error:
             self._room.release()
             raise RequestError(str(error), type(error).__name__) from error
@@ -246,7 +259,7 @@ class SopranoEventHandler(AsyncEventHandler):
             rest = await asyncio.to_thread(self._stream.finish)
             self._stream = None
             if rest:
-                await self._speak(rest, announce_empty=False)
+                await self._speak(rest, self._stream_voice, announce_empty=False)
         self._replies.put_nowait(SynthesizeStopped().event())
 
     async def _write_replies(self) -> None:

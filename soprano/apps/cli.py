@@ -21,10 +21,12 @@ import torch
 from soprano.apps.options import (
     add_model_arguments,
     add_sampling_arguments,
+    add_voice_arguments,
     at_least,
     configure_logging,
     load_tts,
     sampling_params,
+    voice_catalog,
 )
 from soprano.audio import to_pcm16
 from soprano.constants import SAMPLE_RATE
@@ -32,6 +34,7 @@ from soprano.encoding import format_for_path, require_encoder, write_audio
 from soprano.errors import SopranoError
 from soprano.lm import SamplingParams
 from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
+from soprano.serving.voices import Voice
 from soprano.text import prepare_text
 from soprano.tts import SopranoTTS
 
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     add_model_arguments(parser)
+    add_voice_arguments(parser)
     add_sampling_arguments(parser)
     return parser
 
@@ -110,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sampling = sampling_params(parser, args)
+    voice = voice_catalog(parser, args).default_voice
     configure_logging(
         logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
     )
     try:
-        return _run(args, sampling)
+        return _run(args, sampling, voice)
     except (CliError, SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run(args: argparse.Namespace, sampling: SamplingParams) -> int:
+def _run(args: argparse.Namespace, sampling: SamplingParams, voice: Voice) -> int:
+    """Speak with `voice` (the default of the voice options)."""
     text = _read_text(args)
     sentences = prepare_text(text)
     if not sentences:
@@ -139,7 +145,7 @@ def _run(args: argparse.Namespace, sampling: SamplingParams) -> int:
         raise CliError("--retries works for file output only: streamed audio cannot be taken back")
     player = _open_player() if args.play else None
 
-    tts = load_tts(args)
+    tts = load_tts(args, voice.model)
     progress = Progress(len(sentences), sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
     pieces: list[torch.Tensor] = []
     try:

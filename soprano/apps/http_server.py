@@ -18,7 +18,6 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -33,9 +32,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from soprano.apps.options import (
     add_model_arguments,
     add_serving_arguments,
+    add_voice_arguments,
     configure_logging,
-    load_tts,
     serving_limits,
+    voice_catalog,
+    voice_loaders,
 )
 from soprano.constants import (
     DEFAULT_REPETITION_PENALTY,
@@ -57,6 +58,12 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 UNSUPPORTED_FORMATS = ("aac",)
 """Formats OpenAI offers that no encoder here writes."""
+OPENAI_VOICES = (
+    "alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx",
+    "sage", "shimmer", "verse",
+)  # fmt: skip
+"""OpenAI's built-in voice names, which stock clients send by default: they speak with the
+default voice unless this server has a voice of that name."""
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -72,7 +79,11 @@ class SpeechRequest(BaseModel):
 
     model: str | None = Field(None, description="Accepted for compatibility; one model serves.")
     input: str = Field(description="The text to speak.")
-    voice: str | VoiceId | None = Field(None, description="Accepted; Soprano has one voice.")
+    voice: str | VoiceId | None = Field(
+        None,
+        description="A voice of GET /v1/audio/voices; OpenAI's own names (alloy, ...) and "
+        "none speak with the default voice.",
+    )
     instructions: str | None = Field(None, description="Not supported: must be empty.")
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = Field(
         "mp3",
@@ -97,6 +108,9 @@ class SpeechRequest(BaseModel):
         1, description="Tokens in the first streamed chunk; later chunks grow to 8."
     )
     retries: int = Field(0, description="Regenerations of hallucinated sentences (stream: false).")
+
+    def voice_name(self) -> str | None:
+        return self.voice.id if isinstance(self.voice, VoiceId) else self.voice
 
     def sampling(self) -> SamplingParams:
         """Raises ValueError for values out of range."""
@@ -222,6 +236,8 @@ def create_app(service: SpeechService, model_name: str) -> FastAPI:
             "backend": tts.backend,
             "device": str(tts.device),
             "sample_rate": SAMPLE_RATE,
+            "voices": list(service.voices),
+            "default_voice": service.default_voice,
             "requests_in_progress": service.requests_in_progress,
         }
 
@@ -238,6 +254,12 @@ def create_app(service: SpeechService, model_name: str) -> FastAPI:
             raise ApiError(404, f"The model '{model_id}' does not exist", "model")
         return model_card()
 
+    @app.get("/v1/audio/voices", summary="The voices this server speaks with")
+    async def list_voices() -> dict[str, Any]:
+        """In the shape Open WebUI and AnythingLLM read."""
+        voices = [{"id": name, "name": name} for name in service.voices]
+        return {"voices": voices, "default": service.default_voice}
+
     audio_types: dict[str, dict[str, Any]] = {fmt.media_type: {} for fmt in FORMATS.values()}
     audio_types["text/event-stream"] = {}
 
@@ -249,6 +271,7 @@ def create_app(service: SpeechService, model_name: str) -> FastAPI:
     )
     async def create_speech(request: SpeechRequest) -> Response:
         streamed = _check(request, limits.max_input_chars)
+        voice = _voice(request.voice_name(), service)
         try:
             fmt = require_encoder(request.response_format)
         except SopranoError as error:
@@ -267,6 +290,7 @@ def create_app(service: SpeechService, model_name: str) -> FastAPI:
                 request.sampling(),
                 request.chunk_size,
                 retries=request.retries,
+                voice=voice,
             )
         except ServerBusyError as error:
             raise ApiError(503, str(error)) from error
@@ -278,7 +302,7 @@ def create_app(service: SpeechService, model_name: str) -> FastAPI:
             data = encode_audio(torch.cat(audio) if audio else torch.zeros(0), fmt.name)
             return Response(data, media_type=fmt.media_type, headers=headers)
         if request.stream_format == "sse":
-            usage = _usage(tts, sentences)
+            usage = _usage(service.engines[voice], sentences)
             events = _sse_events(stream, fmt.name, usage)
             return StreamingResponse(events, media_type="text/event-stream")
         pieces = _audio_stream(stream, fmt.name)
@@ -313,7 +337,11 @@ def _check(request: SpeechRequest, max_input_chars: int) -> bool:
             "speed",
         )
     if request.instructions:
-        raise ApiError(400, "instructions are not supported: Soprano has one voice", "instructions")
+        raise ApiError(
+            400,
+            "instructions are not supported: Soprano cannot be directed; choose a voice instead",
+            "instructions",
+        )
     if request.stream_format == "sse" and request.stream is False:
         raise ApiError(400, "stream_format 'sse' always streams; drop stream: false", "stream")
     streamed = request.stream_format == "sse" or (
@@ -326,6 +354,18 @@ def _check(request: SpeechRequest, max_input_chars: int) -> bool:
             "retries",
         )
     return streamed
+
+
+def _voice(name: str | None, service: SpeechService) -> str:
+    """The voice a request names: one of the server's, else OpenAI's names or none mean the
+    default; anything else is refused with the list."""
+    if name in service.voices:
+        return name
+    if name is None or name in OPENAI_VOICES:
+        return service.default_voice
+    raise ApiError(
+        400, f"voice '{name}' does not exist; this server has {', '.join(service.voices)}", "voice"
+    )
 
 
 async def _read(stream: SpeechStream) -> AsyncIterator[torch.Tensor]:
@@ -409,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="server and engine messages (default: info)",
     )
     add_model_arguments(parser)
+    add_voice_arguments(parser)
     add_serving_arguments(parser)
     return parser
 
@@ -417,10 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     limits = serving_limits(parser, args)
+    catalog = voice_catalog(parser, args)
     configure_logging(getattr(logging, args.log_level.upper()))
     try:
         listener = _listen(args.host, args.port)
-        service = SpeechService(partial(load_tts, args), limits)
+        service = SpeechService(voice_loaders(args, catalog), limits, catalog.default)
     except (SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

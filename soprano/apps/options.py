@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import logging
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from soprano.constants import (
@@ -18,6 +20,7 @@ from soprano.constants import (
 from soprano.lm import BACKENDS, SamplingParams
 from soprano.lm.native import DTYPES
 from soprano.serving import ServingLimits
+from soprano.serving.voices import VoiceCatalog, discover_voices, model_voice_name, parse_voice
 from soprano.tts import SopranoTTS
 
 Number = TypeVar("Number", int, float)
@@ -178,16 +181,85 @@ def serving_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(str(error))
 
 
-def load_tts(args: argparse.Namespace) -> SopranoTTS:
-    """The engine the model options describe; errors are SopranoError or ValueError."""
+def add_voice_arguments(parser: argparse.ArgumentParser) -> None:
+    """The voices a program speaks with; read them with `voice_catalog`."""
+    group = parser.add_argument_group("voices")
+    group.add_argument(
+        "--voice",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL",
+        help="a voice: NAME=MODEL[,language=LANG] (MODEL a checkpoint folder or Hugging Face "
+        "repo id; language default en_US), a bare model, or the name of a folder in a "
+        "--data-dir (repeatable; default: the --model voice)",
+    )
+    group.add_argument(
+        "--default-voice", metavar="NAME", help="voice of requests that name none (default: first)"
+    )
+    group.add_argument(
+        "--data-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder whose checkpoint folders are voices too, named after their folders "
+        "(repeatable)",
+    )
+    group.add_argument(
+        "--download-dir",
+        metavar="DIR",
+        help="where repo ids are downloaded to and cached (default: the first --data-dir, "
+        "else the Hugging Face cache)",
+    )
+
+
+def voice_catalog(parser: argparse.ArgumentParser, args: argparse.Namespace) -> VoiceCatalog:
+    """The voices the options name; a bad one is a usage error (exit code 2)."""
+    try:
+        declared = [parse_voice(text, args.data_dir) for text in args.voice]
+        model = find_model(args.model, args.data_dir)
+        found = discover_voices(args.data_dir)
+        return VoiceCatalog.build(declared, found, model, args.default_voice)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def find_model(model: str, data_dirs: list[str]) -> str:
+    """A checkpoint folder named after the model in a data folder wins over the hub or its
+    cache (an offline copy of a published checkpoint)."""
+    if Path(model).expanduser().is_dir():
+        return model
+    for data_dir in data_dirs:
+        folder = Path(data_dir) / model_voice_name(model)
+        if folder.is_dir():
+            return str(folder)
+    return model
+
+
+def load_tts(args: argparse.Namespace, model: str | None = None) -> SopranoTTS:
+    """The engine the model options describe (for `model`, default --model); errors are
+    SopranoError or ValueError."""
     sizes = {"cache_size_mb": args.cache_size, "decoder_batch_size": args.decoder_batch_size}
-    return SopranoTTS(
+    download_dir = args.download_dir or (args.data_dir[0] if args.data_dir else None)
+    model = model or args.model
+    logger = logging.getLogger("soprano")
+    logger.info("Loading model %s", model)
+    tts = SopranoTTS(
         backend=args.backend,
         device=args.device,
-        model_path=args.model,
+        model_path=model,
+        cache_dir=download_dir,
         backend_options=backend_options(args),
         **{name: value for name, value in sizes.items() if value is not None},
     )
+    logger.info("Model %s on device %s with the %s backend", model, tts.device, tts.backend)
+    return tts
+
+
+def voice_loaders(
+    args: argparse.Namespace, catalog: VoiceCatalog
+) -> dict[str, Callable[[], SopranoTTS]]:
+    """A loader per voice, for SpeechService (which loads them all on its engine thread)."""
+    return {voice.name: partial(load_tts, args, voice.model) for voice in catalog.voices}
 
 
 def configure_logging(level: int) -> None:

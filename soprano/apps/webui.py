@@ -18,7 +18,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -30,10 +29,12 @@ from soprano.apps.options import (
     add_model_arguments,
     add_sampling_arguments,
     add_serving_arguments,
+    add_voice_arguments,
     configure_logging,
-    load_tts,
     sampling_params,
     serving_limits,
+    voice_catalog,
+    voice_loaders,
 )
 from soprano.constants import SAMPLE_RATE
 from soprano.encoding import FORMATS, require_encoder, stream_encoder
@@ -65,11 +66,12 @@ EXAMPLES = [
 class SpeechJob:
     """One generation: its MP3 bytes, readable from the start while they grow, and its figures."""
 
-    def __init__(self, text: str, sampling: SamplingParams, chunk_size: int) -> None:
+    def __init__(self, text: str, sampling: SamplingParams, chunk_size: int, voice: str) -> None:
         self.id = uuid.uuid4().hex
         self.text = text
         self.sampling = sampling
         self.chunk_size = chunk_size
+        self.voice = voice
         self.audio_seconds = 0.0
         self.generation_seconds = 0.0
         self.first_audio_seconds: float | None = None
@@ -100,7 +102,9 @@ class SpeechJob:
     def _generate(self, service: SpeechService) -> None:
         encoder = stream_encoder(STREAM_FORMAT.name)
         started = time.perf_counter()
-        stream = service.submit(prepare_text(self.text), self.sampling, self.chunk_size)
+        stream = service.submit(
+            prepare_text(self.text), self.sampling, self.chunk_size, voice=self.voice
+        )
         try:
             for chunk in stream:
                 if self.first_audio_seconds is None:
@@ -151,8 +155,8 @@ class SpeechJob:
             else ""
         )
         return (
-            f"{self.audio_seconds:.2f} s of audio in {self.generation_seconds:.2f} s "
-            f"({speed:.1f}× real time){first}"
+            f"{self.voice}: {self.audio_seconds:.2f} s of audio in "
+            f"{self.generation_seconds:.2f} s ({speed:.1f}× real time){first}"
         )
 
 
@@ -165,8 +169,10 @@ class SpeechJobs:
         self._jobs: OrderedDict[str, SpeechJob] = OrderedDict()
         self._lock = threading.Lock()
 
-    def start(self, text: str, sampling: SamplingParams, chunk_size: int) -> SpeechJob:
-        job = SpeechJob(text, sampling, chunk_size)
+    def start(
+        self, text: str, sampling: SamplingParams, chunk_size: int, voice: str | None = None
+    ) -> SpeechJob:
+        job = SpeechJob(text, sampling, chunk_size, voice or self.service.default_voice)
         with self._lock:
             self._jobs[job.id] = job
             while len(self._jobs) > JOBS_KEPT:
@@ -203,8 +209,11 @@ def player_html(job: SpeechJob) -> str:
 def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: int) -> gr.Blocks:
     """The page: text, sampling controls, examples, the streaming player and its figures."""
 
+    voices = jobs.service.voices
+
     def speak(
         text: str,
+        voice: str,
         temperature: float,
         top_p: float,
         repetition_penalty: float,
@@ -214,6 +223,8 @@ def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: 
     ) -> tuple[str, str, str]:
         if not text.strip():
             raise gr.Error("Type some text to speak first.")
+        if voice not in voices:
+            raise gr.Error(f"Pick one of the voices: {', '.join(voices)}.")
         if len(text) > max_input_chars:
             raise gr.Error(
                 f"The text is {len(text)} characters; at most {max_input_chars} can be spoken "
@@ -232,7 +243,7 @@ def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: 
             )
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        job = jobs.start(text, sampling, int(chunk_size))
+        job = jobs.start(text, sampling, int(chunk_size), voice)
         return player_html(job), job.id, "Generating…"
 
     def report(job_id: str) -> str:
@@ -253,6 +264,13 @@ def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: 
             "being generated."
         )
         text = gr.Textbox(label="Text", lines=4, placeholder="What should Soprano say?")
+        voice = gr.Dropdown(
+            list(voices),
+            value=jobs.service.default_voice,
+            label="Voice",
+            elem_id="soprano-voice",
+            interactive=len(voices) > 1,
+        )
         with gr.Row():
             speak_button = gr.Button("Speak", variant="primary")
             stop_button = gr.Button("Stop")
@@ -275,11 +293,11 @@ def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: 
             )
         gr.Examples(EXAMPLES, inputs=[text])
         gr.Markdown(
-            "Tips: write numbers and symbols as you want them read; one voice, English only. "
+            "Tips: write numbers and symbols as you want them read. "
             "Model: [Soprano](https://huggingface.co/ekwek/Soprano-1.1-80M)."
         )
 
-        inputs = [text, temperature, top_p, repetition_penalty, seed, chunk_size, job_id]
+        inputs = [text, voice, temperature, top_p, repetition_penalty, seed, chunk_size, job_id]
         speak_button.click(speak, inputs, [player, job_id, status]).then(
             report, [job_id], [status], concurrency_limit=None
         )
@@ -302,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link")
     add_model_arguments(parser)
+    add_voice_arguments(parser)
     add_sampling_arguments(parser)
     add_serving_arguments(parser)
     return parser
@@ -312,10 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sampling_params(parser, args)
     limits = serving_limits(parser, args)
+    catalog = voice_catalog(parser, args)
     configure_logging(logging.INFO)
     try:
         require_encoder(STREAM_FORMAT.name)
-        service = SpeechService(partial(load_tts, args), limits)
+        service = SpeechService(voice_loaders(args, catalog), limits, catalog.default)
     except (SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from soprano.tts import SopranoTTS
 
 _LOGGER = logging.getLogger(__name__)
+
+SINGLE_VOICE = "default"
+"""The voice name of a service made from one engine."""
 
 DEFAULT_MAX_CHUNK_TOKENS = 8
 """Streamed chunks grow to half a second of audio (ChunkSchedule); a stream then costs about
@@ -166,23 +169,38 @@ class SpeechStream:
 
 
 class SpeechService:
-    """Owns the engine's thread and its Scheduler; `submit` from any thread or event loop."""
+    """Owns the engine thread and one Scheduler per voice; `submit` from any thread or loop.
 
-    tts: SopranoTTS
-    _scheduler: Scheduler
+    Every voice is its own checkpoint, so its sentences batch only with its own; the engine
+    thread gives each voice with work one step in turn.
+    """
+
+    engines: dict[str, SopranoTTS]
+    _schedulers: dict[str, Scheduler]
     """Both made on the engine thread, before the constructor returns."""
 
     def __init__(
         self,
-        engine: SopranoTTS | Callable[[], SopranoTTS],
+        engines: SopranoTTS | Callable[[], SopranoTTS] | Mapping[str, Callable[[], SopranoTTS]],
         limits: ServingLimits | None = None,
+        default_voice: str | None = None,
     ) -> None:
-        """`engine` is a loaded engine, or (better) a function that loads one: it is then
-        loaded on the engine's own thread, which is then the only thread that ever runs the
-        kernels' OpenMP work. Measured on 2 cores, a second thread team (the loading thread's)
-        made every step about a third slower. Raises what loading raises."""
+        """`engines` is a loaded engine, or (better) a function that loads one, or a voice
+        name → loader mapping: they are then loaded on the engine's own thread, which is then
+        the only thread that ever runs the kernels' OpenMP work. Measured on 2 cores, a second
+        thread team (the loading thread's) made every step about a third slower. Raises what
+        loading raises."""
+        loaders = dict(engines) if isinstance(engines, Mapping) else {SINGLE_VOICE: engines}
+        if not loaders:
+            raise ValueError("a speech service needs at least one voice")
+        self.voices = tuple(loaders)
+        self.default_voice = default_voice or self.voices[0]
+        if self.default_voice not in loaders:
+            raise ValueError(f"default voice {self.default_voice!r} is not one of the voices")
         self.limits = limits or ServingLimits()
-        self._inbox: list[tuple[SpeechStream, list[tuple[str, list[int]]], dict[str, Any]]] = []
+        self._max_buffered_samples = int(self.limits.max_buffered_seconds * SAMPLE_RATE)
+        self._inbox: list[tuple[SpeechStream, str, list[tuple[str, list[int]]], dict[str, Any]]]
+        self._inbox = []
         self._wake = threading.Condition()
         self._closed = False
         self._requests = 0
@@ -191,13 +209,17 @@ class SpeechService:
 
         def run() -> None:
             try:
-                self.tts = engine() if callable(engine) else engine
-                self._scheduler = Scheduler(
-                    self.tts.lm,
-                    self.tts.decoder,
-                    self.limits.max_batch_size,
-                    max_buffered_samples=int(self.limits.max_buffered_seconds * SAMPLE_RATE),
-                )
+                self.engines = {}
+                self._schedulers = {}
+                for name, load in loaders.items():
+                    tts = load() if callable(load) else load
+                    self.engines[name] = tts
+                    self._schedulers[name] = Scheduler(
+                        tts.lm,
+                        tts.decoder,
+                        self.limits.max_batch_size,
+                        max_buffered_samples=self._max_buffered_samples,
+                    )
             except BaseException as error:  # the caller re-raises it
                 failure.append(error)
                 return
@@ -212,6 +234,11 @@ class SpeechService:
             raise failure[0]
 
     @property
+    def tts(self) -> SopranoTTS:
+        """The default voice's engine."""
+        return self.engines[self.default_voice]
+
+    @property
     def requests_in_progress(self) -> int:
         """Requests running or waiting."""
         with self._wake:
@@ -224,13 +251,18 @@ class SpeechService:
         chunk_size: int = 1,
         max_chunk_size: int | None = DEFAULT_MAX_CHUNK_TOKENS,
         retries: int = 0,
+        voice: str | None = None,
     ) -> SpeechStream:
-        """Queue the sentences (from `soprano.text.prepare_text`) as one request.
+        """Queue the sentences (from `soprano.text.prepare_text`) as one request, spoken by
+        `voice` (default: the default voice).
 
         The first chunk holds `chunk_size` tokens, later ones grow to `max_chunk_size` (None:
-        all `chunk_size`). Raises ValueError for parameters beyond the limits and
-        ServerBusyError when the server is full.
+        all `chunk_size`). Raises ValueError for parameters beyond the limits or an unknown
+        voice, and ServerBusyError when the server is full.
         """
+        voice = voice or self.default_voice
+        if voice not in self.engines:
+            raise ValueError(f"unknown voice {voice!r}; this server has {', '.join(self.voices)}")
         sampling = sampling or SamplingParams()
         if sampling.max_new_tokens > self.limits.max_new_tokens:
             raise ValueError(
@@ -241,7 +273,8 @@ class SpeechService:
             raise ValueError(f"retries must be an integer from 0 to 10, got {retries!r}")
         largest = max(chunk_size, max_chunk_size) if max_chunk_size is not None else None
         schedule = ChunkSchedule(chunk_size, largest)
-        prompts = [(text, self.tts.tokenizer.encode(text)) for text in sentences]
+        tokenizer = self.engines[voice].tokenizer
+        prompts = [(text, tokenizer.encode(text)) for text in sentences]
         stream = SpeechStream(self)
         options = {"params": sampling, "schedule": schedule, "retries": retries}
         with self._wake:
@@ -252,7 +285,7 @@ class SpeechService:
                     f"the server is busy with {self._requests} requests; try again shortly"
                 )
             self._requests += 1
-            self._inbox.append((stream, prompts, options))
+            self._inbox.append((stream, voice, prompts, options))
             self._wake.notify()
         return stream
 
@@ -269,34 +302,44 @@ class SpeechService:
 
     def _consumed(self, job: Job, samples: int) -> None:
         """Wake the engine if taking `samples` let a paused job run again."""
-        limit = self._scheduler.max_buffered_samples
-        if limit is not None and job.buffered_samples < limit <= job.buffered_samples + samples:
+        limit = self._max_buffered_samples
+        if job.buffered_samples < limit <= job.buffered_samples + samples:
             self._notify()
 
     def _run(self) -> None:
-        scheduler = self._scheduler
+        schedulers = self._schedulers
         while True:
             with self._wake:
-                while not self._closed and not self._inbox and not scheduler.runnable:
+                while not self._closed and not self._inbox and not self._runnable():
                     self._wake.wait()
                 if self._closed:
                     break
                 inbox, self._inbox = self._inbox, []
-            for stream, prompts, options in inbox:
-                self._start(stream, prompts, options)
-            scheduler.step()
-        for job in list(scheduler.jobs):
-            scheduler.cancel(job)
+            for stream, voice, prompts, options in inbox:
+                self._start(stream, schedulers[voice], prompts, options)
+            for scheduler in schedulers.values():
+                if scheduler.runnable:
+                    scheduler.step()
+        for scheduler in schedulers.values():
+            for job in list(scheduler.jobs):
+                scheduler.cancel(job)
+
+    def _runnable(self) -> bool:
+        return any(scheduler.runnable for scheduler in self._schedulers.values())
 
     def _start(
-        self, stream: SpeechStream, prompts: list[tuple[str, list[int]]], options: dict[str, Any]
+        self,
+        stream: SpeechStream,
+        scheduler: Scheduler,
+        prompts: list[tuple[str, list[int]]],
+        options: dict[str, Any],
     ) -> None:
         def deliver(item: torch.Tensor | BaseException | None) -> None:
             if item is None or isinstance(item, BaseException):
                 self._finished()
             stream._deliver(item)
 
-        stream.job = self._scheduler.submit(prompts, deliver=deliver, **options)
+        stream.job = scheduler.submit(prompts, deliver=deliver, **options)
         if stream.cancelled:  # while it waited in the inbox
             stream.job.cancelled = True
 
