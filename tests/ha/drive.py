@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -51,6 +52,7 @@ CONFIGURED_INTEGRATIONS = (
 )
 """Set up besides Home Assistant's defaults; their requirements are installed beforehand."""
 
+PR_SET_PDEATHSIG = 1
 HOST = "127.0.0.1"
 SAMPLE_RATE = 32000
 SAMPLE_BYTES = 2
@@ -125,15 +127,20 @@ class Process:
                 self.popen.wait(timeout=10)
 
 
-def start(name: str, command: list[str], log: Path, env: dict[str, str] | None = None) -> Process:
+def die_with_parent() -> None:
+    """In the child: SIGTERM when the driver dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start(name: str, command: list[str], log: Path) -> Process:
     with log.open("wb") as output:
         popen = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
-            env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     return Process(name, popen, log)
 
@@ -683,6 +690,8 @@ def main() -> int:
         return 0
     if not args.soprano_python:
         parser.error("--soprano-python is required")
+    # SIGTERM (timeout, CI) unwinds like Ctrl-C, so the servers are stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.ExitStack() as stack:
         if args.keep:
             args.keep.mkdir(parents=True)
