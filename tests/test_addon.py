@@ -8,6 +8,7 @@ and the Dockerfiles' independence from the architecture they are built for.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
@@ -106,7 +107,7 @@ def check_option(element: str, value: Any) -> None:
         assert isinstance(value, str), (element, value)
 
 
-def test_config_has_the_required_keys_and_known_types(config: dict[str, Any]) -> None:
+def check_keys(config: dict[str, Any]) -> None:
     for key, kind in REQUIRED_KEYS.items():
         assert isinstance(config.get(key), kind), key
     for key, value in config.items():
@@ -120,8 +121,7 @@ def test_config_has_the_required_keys_and_known_types(config: dict[str, Any]) ->
     assert config["discovery"] == ["wyoming"]
 
 
-def test_ports_and_folders(config: dict[str, Any]) -> None:
-    assert config["ports"] == {"10200/tcp": None}
+def check_ports_and_folders(config: dict[str, Any]) -> None:
     for port, host_port in config["ports"].items():
         assert PORT.match(port)
         assert host_port is None or 1 <= host_port <= 65535
@@ -130,10 +130,9 @@ def test_ports_and_folders(config: dict[str, Any]) -> None:
         assert set(entry) <= {"type", "read_only", "path"}
         assert entry["type"] in MAP_TYPES
         assert isinstance(entry.get("read_only", True), bool)
-    assert {entry["type"] for entry in config["map"]} == {"share"}
 
 
-def test_options_agree_with_the_schema(config: dict[str, Any]) -> None:
+def check_options(config: dict[str, Any]) -> None:
     options, schema = config["options"], config["schema"]
     assert set(options) <= set(schema)
     for key, element in schema.items():
@@ -146,16 +145,64 @@ def test_options_agree_with_the_schema(config: dict[str, Any]) -> None:
             check_option(element, options[key])
         else:
             assert element.endswith("?"), f"{key} has no default and is not optional"
-    assert schema["dtype"] == f"list({'|'.join(DTYPES)})"
 
 
-def test_translations_cover_every_option_and_port(config: dict[str, Any]) -> None:
-    translations = load_yaml(ADDON / "translations/en.yaml")
+def check_translations(config: dict[str, Any], translations: dict[str, Any]) -> None:
     assert set(translations["configuration"]) == set(config["schema"])
     for key, text in translations["configuration"].items():
-        assert isinstance(text["name"], str) and text["name"], key
-        assert isinstance(text["description"], str) and text["description"], key
+        assert isinstance(text.get("name"), str) and text["name"], key
+        assert isinstance(text.get("description"), str) and text["description"], key
     assert set(translations["network"]) == set(config["ports"])
+
+
+def check_config(config: dict[str, Any], translations: dict[str, Any]) -> None:
+    """What the Supervisor's documentation asks of an add-on's config.yaml and translations."""
+    check_keys(config)
+    check_ports_and_folders(config)
+    check_options(config)
+    check_translations(config, translations)
+
+
+@pytest.fixture(scope="module")
+def translations() -> dict[str, Any]:
+    return load_yaml(ADDON / "translations/en.yaml")
+
+
+def test_the_config_is_valid(config: dict[str, Any], translations: dict[str, Any]) -> None:
+    check_config(config, translations)
+    assert config["ports"] == {"10200/tcp": None}
+    assert config["map"] == [{"type": "share", "read_only": True}]
+    assert config["schema"]["dtype"] == f"list({'|'.join(DTYPES)})"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c, t: c.pop("slug"),
+        lambda c, t: c["arch"].append("armv7"),
+        lambda c, t: c.update(startup_delay=3),
+        lambda c, t: c["ports"].update({"10200": 70000}),
+        lambda c, t: c["ports"].update({"10200/sctp": None}),
+        lambda c, t: c.update(map=["share:rw"]),
+        lambda c, t: c.update(map=[{"type": "addon_config"}]),
+        lambda c, t: c["options"].update(speed=5.0),
+        lambda c, t: c["options"].update(dtype="float16"),
+        lambda c, t: c["options"].update(threads=1.5),
+        lambda c, t: c["options"].update(debug_logging="yes"),
+        lambda c, t: c["schema"].update(volume="float"),
+        lambda c, t: c["schema"].update(speed="number"),
+        lambda c, t: t["configuration"].pop("speed"),
+        lambda c, t: t["configuration"]["speed"].pop("description"),
+        lambda c, t: t["network"].clear(),
+    ],
+)
+def test_the_config_check_finds_mistakes(
+    config: dict[str, Any], translations: dict[str, Any], change: Any
+) -> None:
+    config, translations = copy.deepcopy(config), copy.deepcopy(translations)
+    change(config, translations)
+    with pytest.raises(AssertionError):
+        check_config(config, translations)
 
 
 def test_build_yaml_has_a_debian_base_for_each_arch(config: dict[str, Any]) -> None:
@@ -207,30 +254,60 @@ bashio::config.has_value() {
 bashio::config.true() { [[ "$(bashio::config "$1")" == "true" ]]; }
 bashio::log.info() { echo "INFO: $*" >&2; }
 bashio::log.error() { echo "ERROR: $*" >&2; }
+bashio::var.json() {
+    jq -n -c --arg key "$1" --arg value "$2" '{($key): $value}'
+}
+bashio::discovery() { echo "$1 $2" > "$DISCOVERY_FILE"; }
 """
 
 
-def run_script_command(tmp_path: Path, options: dict[str, Any]) -> list[str]:
-    """The command line the run script executes for `options` (its `python3` records it)."""
+def run_service_script(
+    tmp_path: Path, script: Path, options: dict[str, Any], python3: str
+) -> dict[str, str]:
+    """Run an s6 service script under bash with the bashio stand-in. `python3` is the body of a
+    stand-in for the image's Python, which may write to $RECORD; `sleep` returns at once."""
     options_file = tmp_path / "options.json"
     options_file.write_text(json.dumps(options))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    recorded = tmp_path / "argv.json"
-    stand_in = bin_dir / "python3"
-    stand_in.write_text(
-        f"#!/bin/bash\njq -n '$ARGS.positional' --args -- \"$@\" > {shlex.quote(str(recorded))}\n"
-    )
-    stand_in.chmod(0o755)
+    for name, body in (("python3", python3), ("hostname", "echo soprano-app"), ("sleep", ":")):
+        stand_in = bin_dir / name
+        stand_in.write_text(f"#!/bin/bash\n{body}\n")
+        stand_in.chmod(0o755)
     bashio = tmp_path / "bashio.sh"
     bashio.write_text(FAKE_BASHIO)
+    files = {"RECORD": str(tmp_path / "record"), "DISCOVERY_FILE": str(tmp_path / "discovery")}
     subprocess.run(
-        ["bash", "-c", f"source {shlex.quote(str(bashio))}; source {shlex.quote(str(RUN_SCRIPT))}"],
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "OPTIONS_FILE": str(options_file)},
+        ["bash", "-c", f"source {shlex.quote(str(bashio))}; source {shlex.quote(str(script))}"],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "OPTIONS_FILE": str(options_file), **files},
         check=True,
         timeout=30,
     )
-    return json.loads(recorded.read_text())
+    return files
+
+
+def run_script_command(tmp_path: Path, options: dict[str, Any]) -> list[str]:
+    """The command line the run script executes for `options` (its `python3` records it)."""
+    record = """jq -n '$ARGS.positional' --args -- "$@" > "$RECORD\""""
+    files = run_service_script(tmp_path, RUN_SCRIPT, options, record)
+    return json.loads(Path(files["RECORD"]).read_text())
+
+
+def test_discovery_waits_for_the_server_then_reports_its_uri(
+    tmp_path: Path, config: dict[str, Any]
+) -> None:
+    """The health check fails twice (the server still loading), then Home Assistant is told."""
+    answers = tmp_path / "health"
+    answers.write_text("1\n1\n0\n")
+    python3 = (
+        f'echo "$*" >> "$RECORD"; code="$(head -n 1 {answers})"; sed -i 1d {answers}; exit "$code"'
+    )
+    files = run_service_script(tmp_path, SERVICES / "discovery/run", config["options"], python3)
+    calls = Path(files["RECORD"]).read_text().splitlines()
+    assert calls == ["-m wyoming_soprano.health_check --uri tcp://127.0.0.1:10200 --timeout 5"] * 3
+    service, payload = Path(files["DISCOVERY_FILE"]).read_text().split(" ", 1)
+    assert service == "wyoming"
+    assert json.loads(payload) == {"uri": "tcp://soprano-app:10200"}
 
 
 FIXED = [
