@@ -579,7 +579,9 @@ async def drive(args: argparse.Namespace, work: Path) -> None:
             capture_output=True,
         )
 
-    server_port, ha_port = free_port(), free_port()
+    server_port = free_port()
+    while (ha_port := free_port()) == server_port:
+        pass
     processes: list[Process] = []
     try:
         server = start(
