@@ -478,6 +478,8 @@ def test_one_torch_version_everywhere() -> None:
 def test_the_image_installs_zeroconf_and_copies_only_what_it_may() -> None:
     steps = instructions(ROOT / "Dockerfile")
     assert any('".[wyoming]"' in arguments for instruction, arguments in steps)
+    extras = re.search(r"^wyoming =\n((?:    .+\n)+)", (ROOT / "setup.cfg").read_text(), re.M)
+    assert extras and "zeroconf" in extras[1], "--zeroconf needs python-zeroconf in the image"
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignored if line.startswith("!")}
     for instruction, arguments in steps:
