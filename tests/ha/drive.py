@@ -57,7 +57,7 @@ HOST = "127.0.0.1"
 SAMPLE_RATE = 32000
 SAMPLE_BYTES = 2
 MAX_NEW_TOKENS = 40
-"""Tokens per sentence: the checkpoints never stop, so every sentence is this long (2.6 s)."""
+"""Tokens per sentence: the checkpoints never stop, so every sentence is about this long (2.5 s)."""
 MP3_SLACK_SECONDS = 0.15
 """MP3 adds encoder delay and pads its last frame (1152 samples); a pipe gets no LAME tag."""
 SILENT_RMS = 30.0
@@ -284,7 +284,7 @@ async def wyoming_reference(port: int, text: str, voice: str | None) -> tuple[Au
                 if AudioStart.is_type(event.type):
                     start = AudioStart.from_event(event)
                     check(
-                        (start.rate, start.width, start.channels) == (SAMPLE_RATE, 2, 1),
+                        (start.rate, start.width, start.channels) == (SAMPLE_RATE, SAMPLE_BYTES, 1),
                         f"format {start}",
                     )
                 elif AudioChunk.is_type(event.type):
