@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from soprano.audio import write_wav
+from soprano.audio.pauses import AudioOptions, AudioShaper
 from soprano.checkpoint import resolve_checkpoint
 from soprano.constants import (
     DEFAULT_REPETITION_PENALTY,
@@ -33,7 +35,7 @@ from soprano.device import select_device
 from soprano.errors import ModelLoadError
 from soprano.hallucination import looks_hallucinated, warn_cut
 from soprano.lm import Generation, SamplingParams, load_language_model, select_backend
-from soprano.serving.scheduler import Scheduler
+from soprano.serving.scheduler import Scheduler, SentenceEnd
 from soprano.text import prepare_text
 from soprano.tokenizer import PromptTokenizer
 
@@ -183,9 +185,11 @@ class SopranoTTS:
         *,
         max_chunk_size: int | None = None,
         sampling: SamplingParams | None = None,
+        audio: AudioOptions | None = None,
     ) -> Generator[torch.Tensor, None, None]:
         """Yield audio as it is generated; the chunks concatenate to `infer(text)` (to float
-        rounding).
+        rounding), or, with `audio`, to that audio with its effects and pauses (at
+        `audio.sample_rate`).
 
         The first chunk follows RECEPTIVE_FIELD + chunk_size tokens of the first sentence; later
         chunks hold chunk_size tokens (TOKEN_SAMPLES samples each), or, with `max_chunk_size`,
@@ -197,14 +201,18 @@ class SopranoTTS:
             raise ValueError("text must be a string")
         schedule = ChunkSchedule(chunk_size, max_chunk_size)
         params = _sampling(sampling, temperature, top_p, repetition_penalty, seed, max_new_tokens)
-        return self._stream(prepare_text(text), schedule, params)
+        items = self._stream(prepare_text(text), schedule, params)
+        if audio is None or audio.identity:
+            return _audio_only(items)
+        return _shaped(items, AudioShaper(audio))
 
     def _stream(
         self, sentences: list[str], schedule: ChunkSchedule, params: SamplingParams
-    ) -> Generator[torch.Tensor, None, None]:
-        """Drive a Scheduler of our own on this thread, all sentences in one batch."""
+    ) -> Generator[torch.Tensor | SentenceEnd, None, None]:
+        """Drive a Scheduler of our own on this thread, all sentences in one batch; yield
+        their chunks with SENTENCE_END between two sentences."""
         scheduler = Scheduler(self.lm, self.decoder, max_batch_size=max(1, len(sentences)))
-        ready: deque[torch.Tensor | BaseException | None] = deque()
+        ready: deque[torch.Tensor | SentenceEnd | BaseException | None] = deque()
         prompts = [(sentence, self.tokenizer.encode(sentence)) for sentence in sentences]
         job = scheduler.submit(prompts, params, schedule, ready.append)
         try:
@@ -215,7 +223,7 @@ class SopranoTTS:
                         return
                     if isinstance(item, BaseException):
                         raise item
-                    yield item.cpu()
+                    yield item.cpu() if isinstance(item, torch.Tensor) else item
                 scheduler.step()
         finally:
             if not job.finished:
@@ -267,3 +275,35 @@ def _sampling(
 def _require_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+StreamItems = Generator[torch.Tensor | SentenceEnd, None, None]
+
+
+def _audio_only(items: StreamItems) -> Generator[torch.Tensor, None, None]:
+    try:
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                yield item
+    finally:
+        items.close()
+
+
+def _shaped(items: StreamItems, shaper: AudioShaper) -> Generator[torch.Tensor, None, None]:
+    """The stream through the shaper: effects on every chunk, pauses where they belong."""
+
+    def pieces() -> Iterator[np.ndarray]:
+        yield shaper.start().audio
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                yield shaper.audio(item)
+            else:
+                yield shaper.sentence_end().audio
+        yield shaper.end().audio
+
+    try:
+        for piece in pieces():
+            if len(piece):
+                yield torch.from_numpy(piece)
+    finally:
+        items.close()

@@ -29,7 +29,7 @@ from soprano.serving import (
     SpeechService,
     SynthesisError,
 )
-from soprano.serving.scheduler import Scheduler
+from soprano.serving.scheduler import Scheduler, SentenceEnd
 from soprano.text import prepare_text
 
 TOKENS = 24
@@ -65,12 +65,16 @@ class Received:
 
     def __init__(self) -> None:
         self.chunks: list[torch.Tensor] = []
+        self.sentence_ends: list[int] = []
+        """Samples delivered before each SENTENCE_END."""
         self.ended = False
         self.error: BaseException | None = None
 
-    def __call__(self, item: torch.Tensor | BaseException | None) -> None:
+    def __call__(self, item: torch.Tensor | SentenceEnd | BaseException | None) -> None:
         if isinstance(item, torch.Tensor):
             self.chunks.append(item)
+        elif isinstance(item, SentenceEnd):
+            self.sentence_ends.append(sum(len(chunk) for chunk in self.chunks))
         elif item is None:
             self.ended = True
         else:
