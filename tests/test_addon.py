@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from soprano.audio.effects import MAX_SPEED, MAX_VOLUME, MIN_SPEED
+from soprano.audio.pauses import MAX_SILENCE_SECONDS
 from soprano.lm.native import DTYPES
 from wyoming_soprano.__main__ import build_parser
 
@@ -173,6 +175,12 @@ def test_the_config_is_valid(config: dict[str, Any], translations: dict[str, Any
     assert config["ports"] == {"10200/tcp": None}
     assert config["map"] == [{"type": "share", "read_only": True}]
     assert config["schema"]["dtype"] == f"list({'|'.join(DTYPES)})"
+    # The same bounds as the server's.
+    assert config["schema"]["speed"] == f"float({MIN_SPEED},{MAX_SPEED})"
+    low, high = re.findall(r"[\d.]+", config["schema"]["volume"])
+    assert 0 < float(low) <= 1 and float(high) == MAX_VOLUME
+    for key in ("sentence_silence", "trailing_silence"):
+        assert config["schema"][key] == f"float(0,{MAX_SILENCE_SECONDS:g})"
 
 
 @pytest.mark.parametrize(
@@ -189,7 +197,7 @@ def test_the_config_is_valid(config: dict[str, Any], translations: dict[str, Any
         lambda c, t: c["options"].update(dtype="float16"),
         lambda c, t: c["options"].update(threads=1.5),
         lambda c, t: c["options"].update(debug_logging="yes"),
-        lambda c, t: c["schema"].update(volume="float"),
+        lambda c, t: c["schema"].update(pitch="float"),
         lambda c, t: c["schema"].update(speed="number"),
         lambda c, t: t["configuration"].pop("speed"),
         lambda c, t: t["configuration"]["speed"].pop("description"),
@@ -325,7 +333,7 @@ FIXED = [
 ]
 
 
-NUMBER_FLAGS = {"--speed", "--sentence-silence", "--trailing-silence"}
+NUMBER_FLAGS = {"--speed", "--volume", "--sentence-silence", "--trailing-silence"}
 
 
 def numbers_read(argv: list[str]) -> list[str | float]:
@@ -341,6 +349,8 @@ def test_default_options_give_the_default_command(tmp_path: Path, config: dict[s
     assert numbers_read(argv) == [
         *FIXED,
         "--speed",
+        1.0,
+        "--volume",
         1.0,
         "--sentence-silence",
         0.0,
@@ -359,6 +369,7 @@ def test_every_option_reaches_the_command_line(tmp_path: Path, config: dict[str,
         ],
         "default_voice": "mine",
         "speed": 1.25,
+        "volume": 0.75,
         "sentence_silence": 0.3,
         "trailing_silence": 0.5,
         "dtype": "bfloat16",
@@ -370,6 +381,8 @@ def test_every_option_reaches_the_command_line(tmp_path: Path, config: dict[str,
         *FIXED,
         "--speed",
         "1.25",
+        "--volume",
+        "0.75",
         "--sentence-silence",
         "0.3",
         "--trailing-silence",
@@ -403,6 +416,7 @@ def test_the_server_accepts_the_command_line(tmp_path: Path) -> None:
         "voices": ["one=/data/one", "two=/data/two,language=en_GB"],
         "default_voice": "two",
         "speed": 0.5,
+        "volume": 2.5,
         "sentence_silence": 0.25,
         "trailing_silence": 1.0,
         "dtype": "int8",
@@ -412,7 +426,8 @@ def test_the_server_accepts_the_command_line(tmp_path: Path) -> None:
     argv = run_script_command(tmp_path, options)
     assert argv[:2] == ["-m", "wyoming_soprano"]
     args = build_parser().parse_args(argv[2:])
-    assert args.speed == 0.5 and args.sentence_silence == 0.25 and args.trailing_silence == 1.0
+    assert args.speed == 0.5 and args.volume == 2.5
+    assert args.sentence_silence == 0.25 and args.trailing_silence == 1.0
     assert args.dtype == "int8" and args.threads == 1 and args.debug
     assert args.data_dir == ["/data", "/share/soprano"] and args.download_dir == "/data"
 
