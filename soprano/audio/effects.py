@@ -17,6 +17,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import libsonic
 import numpy as np
 import soxr
 
@@ -106,12 +107,6 @@ class _TimeStretch:
     keeps the pitch and the voice (docs/audio.md has the comparison that chose it)."""
 
     def __init__(self, speed: float) -> None:
-        try:
-            import libsonic
-        except ImportError as error:
-            raise RuntimeError(
-                f"speed other than 1 needs the libsonic package (Python 3.11 or later): {error}"
-            ) from error
         self._sonic = libsonic.SonicStream(SAMPLE_RATE, 1)
         self._sonic.set_speed(speed)
         self._pending = _EMPTY
