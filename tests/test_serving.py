@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from soprano import SopranoTTS
-from soprano.audio import to_pcm16
+from soprano.audio import AudioEffects, AudioOptions, to_pcm16
+from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 from soprano.decoder import ChunkSchedule
 from soprano.lm import SamplingParams, SequenceBatch, Step
 from soprano.serving import (
+    DEFAULT_MAX_CHUNK_TOKENS,
     ServerBusyError,
     ServingLimits,
     SpeechService,
@@ -330,3 +332,28 @@ def test_a_request_for_a_voice_the_service_lacks_is_refused(tts: SopranoTTS) -> 
         assert service.requests_in_progress == 0
     finally:
         service.close()
+
+
+def test_pauses_count_as_buffered_audio_and_the_stream_equals_the_shaped_engine_stream(
+    tts: SopranoTTS,
+) -> None:
+    """Two 5 s pauses against a 1 s buffer: the job pauses at each and resumes as the reader
+    takes the silence (were pauses not counted when taken, it would never resume)."""
+    text = " ".join(OTHERS[:3])
+    audio = AudioOptions(AudioEffects(speed=1.5, sample_rate=24_000), sentence_silence=5.0)
+    service = SpeechService(tts, ServingLimits(max_buffered_seconds=1.0))
+    try:
+        stream = service.submit(prepare_text(text), GREEDY, audio=audio)
+        served = torch.cat(list(stream))
+    finally:
+        service.close()
+
+    chunks = tts.infer_stream(
+        text, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, audio=audio, sampling=GREEDY
+    )
+    assert_same_audio(tts, to_pcm16(served), to_pcm16(torch.cat(list(chunks))))
+    job = stream.job
+    assert job is not None and stream.sample_rate == 24_000
+    assert job.silence_samples == 2 * 5 * SAMPLE_RATE
+    assert job.produced_samples - job.silence_samples == 3 * (TOKENS - 1) * TOKEN_SAMPLES
+    assert job.consumed_samples == job.produced_samples
