@@ -357,7 +357,7 @@ def test_requests_at_once_are_generated_together_and_each_gets_its_own_audio(
             responses.enter_context(
                 client.audio.speech.with_streaming_response.create(
                     model="tts-1", voice="alloy", input=text, response_format="pcm",
-                    extra_body=SAMPLING,
+                    extra_body=NATIVE,
                 )
             )
             for text in texts
