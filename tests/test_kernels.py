@@ -46,12 +46,18 @@ static PyModuleDef module = {PyModuleDef_HEAD_INIT, NAME(TORCH_EXTENSION_NAME), 
 PyMODINIT_FUNC INIT_OF(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module); }
 """
 
-BUILD_AND_CALL = """
+KEEP_TORCH_LINKED = "-Wl,--no-as-needed"
+"""The kernels find GCC's OpenMP runtime through libtorch_cpu, which they use (its libgomp). The
+tiny extension uses nothing of torch, so --as-needed (Debian's GCC default) would drop libtorch_cpu
+from it; x86 wheels of torch load libgomp for everyone anyway, ARM ones do not."""
+
+BUILD_AND_CALL = f"""
 import sys
 from pathlib import Path
 from soprano.cpu.kernels import COMPILE_FLAGS, LINK_FLAGS, load_extension
 name, source, family = sys.argv[1:]
-module = load_extension(name, Path(source), COMPILE_FLAGS[family], LINK_FLAGS[family])
+link = ["{KEEP_TORCH_LINKED}", *LINK_FLAGS[family]]
+module = load_extension(name, Path(source), COMPILE_FLAGS[family], link)
 print(module.threads())
 """
 
@@ -166,6 +172,20 @@ def test_no_compiler_is_reported_as_such(
 )
 def test_the_compiler_family_is_recognised(version: str, family: str):
     assert kernels.compiler_family(version) == family
+
+
+@pytest.mark.parametrize(
+    ("machine", "flag"),
+    [
+        ("x86_64", "-march=native"),
+        ("aarch64", "-mcpu=native"),  # Linux's name; clang 14 rejects -march=native there
+        ("arm64", "-mcpu=native"),
+        ("armv7l", "-mcpu=native"),
+    ],
+)
+def test_the_native_flag_suits_the_architecture(machine: str, flag: str):
+    assert kernels.native_flag(machine) == flag
+    assert all(kernels.NATIVE_FLAG in flags for flags in kernels.COMPILE_FLAGS.values())
 
 
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ is not installed")

@@ -1,11 +1,12 @@
 """The native backend's compiled CPU kernels (soprano/cpu/csrc/qwen3_cpu.cpp).
 
-They are built on first use for the CPU at hand (-march=native) with PyTorch's extension builder,
-and cached (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions); later loads take a
-moment. Each build runs in a private folder that is renamed into place once it is complete, so a
-build killed halfway leaves nothing that a later start waits for (PyTorch's own `lock` file would
-make every later start hang). Where the kernels cannot be used (SOPRANO_KERNELS=off, a system
-other than Linux, no C++ compiler, a failed build) the native backend runs its PyTorch path.
+They are built on first use for the CPU at hand (-march=native; -mcpu=native on ARM) with PyTorch's
+extension builder, and cached (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions); later
+loads take a moment. Each build runs in a private folder that is renamed into place once it is
+complete, so a build killed halfway leaves nothing that a later start waits for (PyTorch's own
+`lock` file would make every later start hang). Where the kernels cannot be used
+(SOPRANO_KERNELS=off, a system other than Linux, no C++ compiler, a failed build) the native
+backend runs its PyTorch path.
 See README, "The compiled CPU kernels".
 """
 
@@ -33,9 +34,18 @@ SOURCE = Path(__file__).parent / "csrc" / "qwen3_cpu.cpp"
 SWITCH = "SOPRANO_KERNELS"
 """Environment variable: "off" (or 0, false, no) runs the PyTorch path without trying a build."""
 
+
+def native_flag(machine: str) -> str:
+    """The flag that builds for this CPU. On ARM that is -mcpu=native, which GCC and clang both
+    take there (clang before 15, such as Debian 12's, rejects -march=native on ARM) and which also
+    tunes for the core."""
+    return "-mcpu=native" if machine.lower().startswith(("aarch64", "arm")) else "-march=native"
+
+
+NATIVE_FLAG = native_flag(platform.machine())
 COMPILE_FLAGS = {
-    "gcc": ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
-    "clang": ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+    "gcc": ["-O3", NATIVE_FLAG, "-ffp-contract=fast", "-fopenmp"],
+    "clang": ["-O3", NATIVE_FLAG, "-ffp-contract=fast", "-fopenmp"],
 }
 """-ffp-contract=fast lets the compiler fuse multiply-adds (C++17 mode turns that off in GCC;
 clang's default fuses only within one expression); -fopenmp makes at::parallel_for run threads."""
@@ -209,8 +219,8 @@ def main() -> int:
 
 def _build_tag(compiler: str, family: str) -> str:
     """Names the build after everything it depends on: the source, the compiler and its flags,
-    this CPU's features (-march=native), this Python and this PyTorch (their ABIs), so that
-    neither a copied cache, an upgrade nor an edit loads a stale build."""
+    this CPU's features (which NATIVE_FLAG builds for), this Python and this PyTorch (their ABIs),
+    so that neither a copied cache, an upgrade nor an edit loads a stale build."""
     features = (
         f"{platform.machine()} python {sys.version_info[:2]} torch {torch.__version__} "
         f"{compiler} {COMPILE_FLAGS[family]} {LINK_FLAGS[family]} "

@@ -7,7 +7,8 @@
 // the checkpoint's values) and everything between two matrix products runs in plain loops.
 //
 // Written with GCC/Clang vector extensions, so the compiler picks AVX-512, AVX2 or NEON for the
-// machine it is built on (soprano/cpu/kernels.py compiles this file with -march=native).
+// machine it is built on (soprano/cpu/kernels.py compiles this file with -march=native, or
+// -mcpu=native on ARM).
 
 #include <torch/extension.h>
 
@@ -35,6 +36,12 @@ namespace {
 // the accumulators (rows x 2 vectors) in registers (32 with AVX-512, 16 with AVX2).
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
+constexpr int kMaxPanelRows = 8;
+#elif defined(__aarch64__)
+// NEON's registers hold 4 floats: GCC keeps wider vector types in memory there (a load and a
+// store around every multiply-add). Its 32 registers would take 14 rows (28 accumulators, the
+// panel row and a broadcast); the panel products stop at 8.
+constexpr int kLanes = 4;
 constexpr int kMaxPanelRows = 8;
 #else
 constexpr int kLanes = 8;
