@@ -29,7 +29,7 @@ from soprano.constants import (
     SAMPLE_RATE,
 )
 from soprano.cpu.kernels import cpu_kernels
-from soprano.cpu.linear import use_panels
+from soprano.cpu.linear import round_to_int8, use_panels
 from soprano.decoder import ChunkSchedule, SopranoDecoder
 from soprano.device import select_device
 from soprano.errors import ModelLoadError
@@ -45,6 +45,41 @@ WARMUP_TEXT = "Hello world, it is 2026!"
 """Its number also loads the number speller, so no first request waits for that."""
 WARMUP_TOKENS = 8
 """Enough steps to warm every kernel of the step loop and the decoder."""
+
+
+def store_decoder_weights(
+    decoder: SopranoDecoder, device: torch.device, options: Mapping[str, Any]
+) -> None:
+    """Hold the decoder's weights as the native backend `options` ask: on the CPU kernels
+    where they run, and with dtype 'int8' as int8 values on every path (the PyTorch one too)."""
+    dtype = options.get("dtype", "float32")
+    on_kernels = device.type == "cpu" and options.get("kernels", True)
+    if not (on_kernels and decode_on_cpu_kernels(decoder, dtype)) and dtype == "int8":
+        round_to_int8(decoder)
+
+
+def decode_on_cpu_kernels(decoder: SopranoDecoder, dtype: str) -> bool:
+    """Give the decoder's channel MLPs the native kernels' fp32 panels: a streaming chunk is
+    a few frames, whose products stream every decoder weight, and the kernels do that at
+    memory speed where PyTorch's GEMM is several times slower. Same fp32 arithmetic.
+
+    With dtype 'bfloat16' (lossy, CPUs with AVX512-BF16) the weights are rounded to bf16 and
+    multiplied as the LM's are: per token the decoder does more work than the LM (4 frames
+    through 30 M parameters), so it halves most of what is left. With 'int8' they are int8
+    panels (a quarter of the bytes of fp32): a streaming chunk, which reads every weight for a
+    few frames, takes about half the time (docs/kernels.md). Returns whether the kernels run it.
+    """
+    kernels = cpu_kernels()
+    if kernels is None:
+        return False
+    if dtype == "bfloat16" and kernels.BF16_PRODUCTS:
+        moved = use_panels(decoder, kernels, torch.bfloat16, True, rounded=True)
+    elif dtype == "int8":
+        moved = use_panels(decoder, kernels, torch.int8, rounded=True)
+    else:
+        moved = use_panels(decoder, kernels, torch.float32)
+    _LOGGER.debug("Decoder layers on the CPU kernels: %d", moved)
+    return True
 
 
 class SopranoTTS:
@@ -88,31 +123,12 @@ class SopranoTTS:
         self.lm = load_language_model(
             backend, self.checkpoint, self.device, cache_size_mb, backend_options
         )
-        options = backend_options or {}
-        if self.device.type == "cpu" and options.get("kernels", True):
-            self._decode_on_cpu_kernels(bf16_products=options.get("dtype") == "bfloat16")
+        store_decoder_weights(self.decoder, self.device, backend_options or {})
         _LOGGER.info(
             "Loaded %s on %s with the %s backend", self.checkpoint.path, self.device, self.lm.name
         )
         if warmup:
             self.infer(WARMUP_TEXT, max_new_tokens=WARMUP_TOKENS)
-
-    def _decode_on_cpu_kernels(self, bf16_products: bool) -> None:
-        """Give the decoder's channel MLPs the native kernels' fp32 panels: a streaming chunk is
-        a few frames, whose products stream every decoder weight, and the kernels do that at
-        memory speed where PyTorch's GEMM is several times slower. Same fp32 arithmetic.
-
-        With `bf16_products` (dtype 'bfloat16', lossy, CPUs with AVX512-BF16) the weights are
-        rounded to bf16 and multiplied as the LM's are: per token the decoder does more work
-        than the LM (4 frames through 30 M parameters), so it halves most of what is left."""
-        kernels = cpu_kernels()
-        if kernels is None:
-            return
-        if bf16_products and kernels.BF16_PRODUCTS:
-            moved = use_panels(self.decoder, kernels, torch.bfloat16, True, rounded=True)
-        else:
-            moved = use_panels(self.decoder, kernels, torch.float32)
-        _LOGGER.debug("Decoder layers on the CPU kernels: %d", moved)
 
     @property
     def backend(self) -> str:

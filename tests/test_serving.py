@@ -50,6 +50,14 @@ def tts(endless_checkpoint: Path) -> SopranoTTS:
     return SopranoTTS(device="cpu", model_path=endless_checkpoint)
 
 
+@pytest.fixture(scope="module")
+def int8_tts(endless_checkpoint: Path) -> SopranoTTS:
+    """dtype 'int8' (LM and decoder on int8 panels): lossy, and just as batch-invariant."""
+    return SopranoTTS(
+        device="cpu", model_path=endless_checkpoint, backend_options={"dtype": "int8"}
+    )
+
+
 def assert_same_audio(tts: SopranoTTS, actual: bytes, expected: bytes) -> None:
     """Byte for byte on the compiled kernels; within PYTORCH_TOLERANCE on the PyTorch path."""
     if getattr(tts.lm, "model", None) is not None and tts.lm.model.compiled is not None:
@@ -107,10 +115,13 @@ def solo(tts: SopranoTTS, text: str) -> bytes:
     return received.pcm
 
 
-@pytest.mark.parametrize("neighbours", [1, 3, 15])
+@pytest.mark.parametrize(
+    ("engine", "neighbours"), [("tts", 1), ("tts", 3), ("tts", 15), ("int8_tts", 3)]
+)
 def test_a_request_gets_the_same_bytes_whatever_shares_its_batch(
-    tts: SopranoTTS, neighbours: int
+    request: pytest.FixtureRequest, engine: str, neighbours: int
 ) -> None:
+    tts: SopranoTTS = request.getfixturevalue(engine)
     alone = solo(tts, SENTENCE)
     assert len(alone) == 2 * 2048 * (TOKENS - 1)
     scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16)
