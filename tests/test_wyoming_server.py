@@ -76,6 +76,9 @@ AUDIO_FORMAT = (SAMPLE_RATE, SAMPLE_WIDTH, 1)
 IDLE_TIMEOUT = 1.0
 MAX_CONNECTIONS = 3
 SECOND_VOICE = "zweite"
+BUSY_BUFFERED_SECONDS = 5.0
+"""The busy server's backpressure bound: small, so that a reader that stops is paused after
+little work even on a loaded machine."""
 SHAPED = AudioOptions(AudioEffects(speed=1.5, volume=0.8, sample_rate=22_050), 0.3, 0.5)
 """The audio options of the server that shapes its audio."""
 
@@ -179,6 +182,7 @@ def servers(
         "busy": ServerProcess(
             *("--model", str(endless_checkpoint), "--device", "cpu"),
             *("--temperature", "1.0", "--seed", "3", "--max-new-tokens", "400", "--debug"),
+            *("--max-buffered-seconds", str(BUSY_BUFFERED_SECONDS)),
         ),
         "guarded": ServerProcess(
             *model,
@@ -808,7 +812,7 @@ def test_a_flood_of_events_does_not_starve_other_connections(server: ServerProce
 def test_a_client_that_stops_reading_pauses_its_generation_and_others_are_served(
     busy_server: ServerProcess,
 ) -> None:
-    """Backpressure: once its socket buffers are full and 30 s of its audio wait unread, the
+    """Backpressure: once its socket buffers are full and 5 s of its audio wait unread, the
     request gets no more rows (memory stays bounded), while other clients are served."""
 
     async def stop_reading() -> asyncio.StreamWriter:
