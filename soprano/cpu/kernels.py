@@ -252,6 +252,7 @@ def main() -> int:
     if kernels is None:
         return 1
     _LOGGER.info("Native CPU kernels ready: %s", kernels.__file__)
+    _LOGGER.info("Built for %s", describe(build_info(kernels)))
     return 0
 
 
