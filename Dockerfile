@@ -1,9 +1,12 @@
 # Wyoming text-to-speech server for Soprano: port 10200, models downloaded to and cached in /data.
-#   docker build -t wyoming-soprano .
+# One file for linux/amd64 and linux/arm64:
+#   docker buildx build --platform linux/amd64,linux/arm64 -t wyoming-soprano .
 #   docker run -it -p 10200:10200 -v /path/to/data:/data wyoming-soprano [server arguments]
+#   docker run -it --network host -v /path/to/data:/data wyoming-soprano --zeroconf  # mDNS
 FROM python:3.11-slim-bookworm
 
-# CPU wheels by default. For an NVIDIA GPU, build with a CUDA index, e.g.
+# CPU wheels by default, from an index that has them for both architectures (PyPI's torch for
+# Linux, aarch64 included, depends on CUDA). For an NVIDIA GPU, build with a CUDA index, e.g.
 #   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
 # and run with --gpus all (the server picks CUDA when it is there, or pass --device cuda).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -16,7 +19,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     TORCH_EXTENSIONS_DIR=/data/.torch_extensions
 
 # A C++ compiler for the native backend's CPU kernels. They are compiled for the CPU they run on,
-# at the first start (about a minute), and kept in /data.
+# at the first start (about a minute), and kept in /data: never at build time, which may run on
+# another CPU or under emulation.
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*

@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from soprano.audio import write_wav
+from soprano.audio.pauses import AudioOptions, AudioShaper
 from soprano.checkpoint import resolve_checkpoint
 from soprano.constants import (
     DEFAULT_REPETITION_PENALTY,
@@ -27,13 +29,13 @@ from soprano.constants import (
     SAMPLE_RATE,
 )
 from soprano.cpu.kernels import cpu_kernels
-from soprano.cpu.linear import use_panels
+from soprano.cpu.linear import round_to_int8, use_panels
 from soprano.decoder import ChunkSchedule, SopranoDecoder, WindowProduct
 from soprano.device import select_device
 from soprano.errors import ModelLoadError
 from soprano.hallucination import looks_hallucinated, warn_cut
 from soprano.lm import Generation, SamplingParams, load_language_model, select_backend
-from soprano.serving.scheduler import Scheduler
+from soprano.serving.scheduler import Scheduler, SentenceEnd
 from soprano.text import prepare_text
 from soprano.tokenizer import PromptTokenizer
 
@@ -43,6 +45,46 @@ WARMUP_TEXT = "Hello world, it is 2026!"
 """Its number also loads the number speller, so no first request waits for that."""
 WARMUP_TOKENS = 8
 """Enough steps to warm every kernel of the step loop and the decoder."""
+
+
+def store_decoder_weights(
+    decoder: SopranoDecoder, device: torch.device, options: Mapping[str, Any]
+) -> None:
+    """Hold the decoder's weights as the native backend `options` ask: on the CPU kernels
+    where they run, and with dtype 'int8' as int8 values on every path (the PyTorch one too)."""
+    dtype = options.get("dtype", "float32")
+    on_kernels = device.type == "cpu" and options.get("kernels", True)
+    if not (on_kernels and decode_on_cpu_kernels(decoder, dtype)) and dtype == "int8":
+        round_to_int8(decoder)
+
+
+def decode_on_cpu_kernels(decoder: SopranoDecoder, dtype: str) -> bool:
+    """Give the decoder's channel MLPs the native kernels' fp32 panels: a streaming chunk is
+    a few frames, whose products stream every decoder weight, and the kernels do that at
+    memory speed where PyTorch's GEMM is several times slower. Same fp32 arithmetic. Its embed
+    conv becomes a product of windows on exact fp32 panels (whatever the dtype, as on the
+    PyTorch path), so that the audio is the same bits for any thread count.
+
+    With dtype 'bfloat16' (lossy, CPUs with AVX512-BF16) the weights are rounded to bf16 and
+    multiplied as the LM's are: per token the decoder does more work than the LM (4 frames
+    through 30 M parameters), so it halves most of what is left. With 'int8' they are int8
+    panels (a quarter of the bytes of fp32): a streaming chunk, which reads every weight for a
+    few frames, takes about half the time (docs/kernels.md). Returns whether the kernels run it.
+    """
+    kernels = cpu_kernels()
+    if kernels is None:
+        return False
+    if dtype == "bfloat16" and kernels.BF16_PRODUCTS:
+        moved = use_panels(decoder, kernels, torch.bfloat16, True, rounded=True)
+    elif dtype == "int8":
+        moved = use_panels(decoder, kernels, torch.int8, rounded=True)
+    else:
+        moved = use_panels(decoder, kernels, torch.float32)
+    backbone = decoder.decoder
+    backbone.embed = WindowProduct(backbone.embed)
+    moved += use_panels(backbone.embed, kernels, torch.float32)
+    _LOGGER.debug("Decoder layers on the CPU kernels: %d", moved)
+    return True
 
 
 class SopranoTTS:
@@ -86,34 +128,12 @@ class SopranoTTS:
         self.lm = load_language_model(
             backend, self.checkpoint, self.device, cache_size_mb, backend_options
         )
-        options = backend_options or {}
-        if self.device.type == "cpu" and options.get("kernels", True):
-            self._decode_on_cpu_kernels(bf16_products=options.get("dtype") == "bfloat16")
+        store_decoder_weights(self.decoder, self.device, backend_options or {})
         _LOGGER.info(
             "Loaded %s on %s with the %s backend", self.checkpoint.path, self.device, self.lm.name
         )
         if warmup:
             self.infer(WARMUP_TEXT, max_new_tokens=WARMUP_TOKENS)
-
-    def _decode_on_cpu_kernels(self, bf16_products: bool) -> None:
-        """Give the decoder's channel MLPs and its embed conv (as a product of windows) the
-        native kernels' fp32 panels: a streaming chunk is a few frames, whose products stream
-        every decoder weight, and the kernels do that at memory speed where PyTorch's GEMM is
-        several times slower. Same fp32 arithmetic, and the same bits for any thread count.
-
-        With `bf16_products` (dtype 'bfloat16', lossy, CPUs with AVX512-BF16) the weights are
-        rounded to bf16 and multiplied as the LM's are: per token the decoder does more work
-        than the LM (4 frames through 30 M parameters), so it halves most of what is left."""
-        kernels = cpu_kernels()
-        if kernels is None:
-            return
-        backbone = self.decoder.decoder
-        backbone.embed = WindowProduct(backbone.embed)
-        if bf16_products and kernels.BF16_PRODUCTS:
-            moved = use_panels(self.decoder, kernels, torch.bfloat16, True, rounded=True)
-        else:
-            moved = use_panels(self.decoder, kernels, torch.float32)
-        _LOGGER.debug("Decoder layers on the CPU kernels: %d", moved)
 
     @property
     def backend(self) -> str:
@@ -186,9 +206,11 @@ class SopranoTTS:
         *,
         max_chunk_size: int | None = None,
         sampling: SamplingParams | None = None,
+        audio: AudioOptions | None = None,
     ) -> Generator[torch.Tensor, None, None]:
         """Yield audio as it is generated; the chunks concatenate to `infer(text)` (to float
-        rounding).
+        rounding), or, with `audio`, to that audio with its effects and pauses (at
+        `audio.sample_rate`).
 
         The first chunk follows RECEPTIVE_FIELD + chunk_size tokens of the first sentence; later
         chunks hold chunk_size tokens (TOKEN_SAMPLES samples each), or, with `max_chunk_size`,
@@ -200,14 +222,18 @@ class SopranoTTS:
             raise ValueError("text must be a string")
         schedule = ChunkSchedule(chunk_size, max_chunk_size)
         params = _sampling(sampling, temperature, top_p, repetition_penalty, seed, max_new_tokens)
-        return self._stream(prepare_text(text), schedule, params)
+        items = self._stream(prepare_text(text), schedule, params)
+        if audio is None or audio.identity:
+            return _audio_only(items)
+        return _shaped(items, AudioShaper(audio))
 
     def _stream(
         self, sentences: list[str], schedule: ChunkSchedule, params: SamplingParams
-    ) -> Generator[torch.Tensor, None, None]:
-        """Drive a Scheduler of our own on this thread, all sentences in one batch."""
+    ) -> Generator[torch.Tensor | SentenceEnd, None, None]:
+        """Drive a Scheduler of our own on this thread, all sentences in one batch; yield
+        their chunks with SENTENCE_END between two sentences."""
         scheduler = Scheduler(self.lm, self.decoder, max_batch_size=max(1, len(sentences)))
-        ready: deque[torch.Tensor | BaseException | None] = deque()
+        ready: deque[torch.Tensor | SentenceEnd | BaseException | None] = deque()
         prompts = [(sentence, self.tokenizer.encode(sentence)) for sentence in sentences]
         job = scheduler.submit(prompts, params, schedule, ready.append)
         try:
@@ -218,7 +244,7 @@ class SopranoTTS:
                         return
                     if isinstance(item, BaseException):
                         raise item
-                    yield item.cpu()
+                    yield item.cpu() if isinstance(item, torch.Tensor) else item
                 scheduler.step()
         finally:
             if not job.finished:
@@ -270,3 +296,35 @@ def _sampling(
 def _require_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+StreamItems = Generator[torch.Tensor | SentenceEnd, None, None]
+
+
+def _audio_only(items: StreamItems) -> Generator[torch.Tensor, None, None]:
+    try:
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                yield item
+    finally:
+        items.close()
+
+
+def _shaped(items: StreamItems, shaper: AudioShaper) -> Generator[torch.Tensor, None, None]:
+    """The stream through the shaper: effects on every chunk, pauses where they belong."""
+
+    def pieces() -> Iterator[np.ndarray]:
+        yield shaper.start().audio
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                yield shaper.audio(item)
+            else:
+                yield shaper.sentence_end().audio
+        yield shaper.end().audio
+
+    try:
+        for piece in pieces():
+            if len(piece):
+                yield torch.from_numpy(piece)
+    finally:
+        items.close()

@@ -15,7 +15,15 @@ import torch
 from soprano.audio import SAMPLE_RATES, AudioEffects, EffectChain
 from soprano.audio.effects import MAX_PAUSE_SECONDS
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
-from soprano.testing.speech import SENTENCES, VOICES, peak_frequency, pitch_ratio, speak
+from soprano.testing import speech as speech_module
+from soprano.testing.speech import (
+    SENTENCES,
+    VOICES,
+    EspeakMissingError,
+    peak_frequency,
+    pitch_ratio,
+    speak,
+)
 
 LENGTH_TOLERANCE = 0.01
 """Output length within 1 % of input / speed × rate ratio: Sonic ends a stream on whole pitch
@@ -95,6 +103,9 @@ def test_the_range_ends_and_every_rate_are_accepted() -> None:
     assert [AudioEffects(sample_rate=rate).sample_rate for rate in SAMPLE_RATES] == list(
         SAMPLE_RATES
     )
+    numpy_values = AudioEffects(np.float32(1.5), np.float64(2), np.int64(24000))  # type: ignore[arg-type]
+    assert numpy_values == AudioEffects(1.5, 2.0, 24000)
+    assert type(numpy_values.sample_rate) is int
     assert 24000 in SAMPLE_RATES and SAMPLE_RATE in SAMPLE_RATES
 
 
@@ -214,3 +225,9 @@ def test_chunks_are_checked() -> None:
         chain.process(np.zeros((2, 100), dtype=np.float32))
     assert len(chain.process(np.zeros(0, dtype=np.float32))) == 0
     assert chain.process(torch.ones(4) * 0.25).tolist() == [0.5] * 4
+
+
+def test_missing_espeak_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(speech_module.shutil, "which", lambda name: None)
+    with pytest.raises(EspeakMissingError, match=r"Run `script/setup --dev`"):
+        speak("Hello.")

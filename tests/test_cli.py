@@ -14,7 +14,8 @@ import soundfile
 import torch
 
 from soprano.apps import cli
-from soprano.audio import to_pcm16
+from soprano.audio import AudioEffects, to_pcm16
+from soprano.audio.pauses import AudioOptions
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 from soprano.lm.base import MAX_SEED
 from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
@@ -266,3 +267,52 @@ def test_undecodable_bytes_on_standard_input_are_dropped_quietly(
     assert result.returncode == 0, result.stderr
     assert result.stderr == b""
     assert (tmp_path / "noise.wav").stat().st_size > 0
+
+
+SHAPING = AudioOptions(AudioEffects(speed=2.0, volume=0.7, sample_rate=16_000), 0.25, 0.5)
+SHAPING_ARGS = ["--speed", "2", "--volume", "0.7", "--sample-rate", "16000",
+                "--sentence-silence", "0.25", "--trailing-silence", "0.5"]  # fmt: skip
+
+
+def test_audio_options_shape_file_output(endless_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fast.wav"
+    result = run([*model_args(endless_checkpoint), *SAMPLING_ARGS, *SHAPING_ARGS, "-o", str(out),
+                  TEXT])  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+
+    audio, rate = soundfile.read(out, dtype="int16")
+    sentence = (MAX_NEW_TOKENS - 1) * TOKEN_SAMPLES * rate / SAMPLE_RATE / 2  # at speed 2
+    pause, tail = rate // 4, rate // 2
+    assert rate == 16_000
+    assert len(audio) == pytest.approx(2 * sentence + pause + tail, rel=0.02)
+    assert not audio[-tail:].any() and audio[: int(sentence) // 2].any()
+    middle = audio[int(sentence) + 100 : int(sentence) + pause - 100]  # the pause, give or take
+    assert len(middle) > pause // 2 and not middle.any()
+
+
+def test_audio_options_shape_the_stream_as_the_python_api_does(
+    endless_checkpoint: Path, tts: SopranoTTS
+) -> None:
+    result = run([*model_args(endless_checkpoint), *SAMPLING_ARGS, *SHAPING_ARGS, "--stream"],
+                 input=TEXT.encode(), stdin=None)  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+
+    chunks = tts.infer_stream(
+        TEXT, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, audio=SHAPING, **SAMPLING
+    )
+    expected = pcm16(torch.cat(list(chunks)))
+    np.testing.assert_array_equal(np.frombuffer(result.stdout, "<i2"), expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--speed", "5"], "speed must be from 0.25 to 4.0, got 5.0"),
+        (["--sample-rate", "1000"], "sample_rate must be one of 8000,"),
+        (["--sentence-silence", "20"], "sentence_silence must be from 0 to 10 seconds"),
+    ],
+)
+def test_bad_audio_options_exit_2(args: list[str], message: str) -> None:
+    result = run([*args, "Hello."])
+    assert result.returncode == 2
+    assert message in result.stderr.decode()

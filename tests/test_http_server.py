@@ -22,7 +22,8 @@ from processes import serving_process
 from starlette.testclient import TestClient
 
 from soprano.apps.http_server import create_app
-from soprano.audio import to_pcm16
+from soprano.audio import AudioEffects, to_pcm16
+from soprano.audio.pauses import AudioOptions
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 from soprano.encoding import OPUS_SAMPLE_RATE, encode_audio
 from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS, ServingLimits
@@ -32,6 +33,8 @@ SERVER = str(Path(sys.executable).with_name("soprano-server"))  # the installed 
 TEXT = "Hello there, this is one short test sentence."
 MAX_NEW_TOKENS = 24
 SAMPLING = {"temperature": 1.0, "seed": 1, "max_new_tokens": MAX_NEW_TOKENS}
+NATIVE = {**SAMPLING, "sample_rate": SAMPLE_RATE}
+"""Request fields for the engine's own audio: pcm, too, at 32 kHz (its default is 24 kHz)."""
 # The endless checkpoint never says [STOP]: the sentence is cut at MAX_NEW_TOKENS audio tokens.
 EXPECTED_SAMPLES = (MAX_NEW_TOKENS - 1) * TOKEN_SAMPLES
 MP3_FRAME = 1152
@@ -99,7 +102,7 @@ def speak(client: openai.OpenAI, response_format: str, **extra: object) -> bytes
         voice="alloy",
         input=TEXT,
         response_format=response_format,  # type: ignore[arg-type]
-        extra_body={**SAMPLING, **extra},
+        extra_body={**NATIVE, **extra},
     )
     return response.content
 
@@ -164,7 +167,7 @@ def test_streaming_response_is_chunked_audio(
         voice="alloy",
         input=TEXT,
         response_format=response_format,  # type: ignore[arg-type]
-        extra_body=SAMPLING,
+        extra_body=NATIVE,
     ) as response:
         assert response.headers["content-type"] == media_type
         assert response.headers["transfer-encoding"] == "chunked"
@@ -200,7 +203,7 @@ def test_sse_sends_one_delta_per_generated_chunk_then_usage(
     server: str, tts: SopranoTTS, streamed: torch.Tensor
 ) -> None:
     chunks = list(tts.infer_stream(TEXT, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, **SAMPLING))
-    body = {"input": TEXT, "response_format": "pcm", "stream_format": "sse", **SAMPLING}
+    body = {"input": TEXT, "response_format": "pcm", "stream_format": "sse", **NATIVE}
 
     with httpx.stream("POST", f"{server}/v1/audio/speech", json=body, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -228,10 +231,15 @@ def test_sse_sends_one_delta_per_generated_chunk_then_usage(
 @pytest.mark.parametrize(
     ("request_fields", "message", "param"),
     [
-        ({"speed": 1.5},
-         "speed 1.5 cannot be honoured: Soprano speaks at one rate; send 1.0 or leave it out",
-         "speed"),
-        ({"speed": 9.0}, "speed: Input should be less than or equal to 4, got 9.0", "speed"),
+        ({"speed": 9.0}, "speed must be from 0.25 to 4.0, got 9.0", "speed"),
+        ({"volume": 0}, "volume must be above 0 and at most 10.0, got 0.0", "volume"),
+        ({"sample_rate": 12345},
+         "sample_rate must be one of 8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000 (Hz), "
+         "got 12345", "sample_rate"),
+        ({"sentence_silence": 11},
+         "sentence_silence must be from 0 to 10 seconds, got 11.0", "sentence_silence"),
+        ({"trailing_silence": -1},
+         "trailing_silence must be from 0 to 10 seconds, got -1.0", "trailing_silence"),
         ({"response_format": "aac"},
          "response_format 'aac' is not supported; use wav, pcm, flac, mp3, opus",
          "response_format"),
@@ -349,7 +357,7 @@ def test_requests_at_once_are_generated_together_and_each_gets_its_own_audio(
             responses.enter_context(
                 client.audio.speech.with_streaming_response.create(
                     model="tts-1", voice="alloy", input=text, response_format="pcm",
-                    extra_body=SAMPLING,
+                    extra_body=NATIVE,
                 )
             )
             for text in texts
@@ -379,7 +387,8 @@ def test_text_with_nothing_to_say_is_a_400_in_every_format(
     [{"temperature": 1e-300}, {"temperature": 1e-320}, {"top_p": 1e-300, "temperature": 0.7}],
 )
 def test_extreme_but_valid_sampling_values_still_speak(server: str, fields: dict) -> None:
-    body = {"input": TEXT, "response_format": "pcm", "max_new_tokens": 8, **fields}
+    body = {"input": TEXT, "response_format": "pcm", "sample_rate": SAMPLE_RATE, **fields}
+    body["max_new_tokens"] = 8
     response = httpx.post(f"{server}/v1/audio/speech", json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert len(response.content) == 7 * TOKEN_SAMPLES * 2
@@ -478,3 +487,66 @@ def test_an_unknown_voice_is_a_400_that_lists_the_voices(
         "code": None,
     }
     check_audio(speak(client, "wav", voice=endless_checkpoint.name), "wav", whole)
+
+
+def shaped_pcm(tts: SopranoTTS, audio: AudioOptions, text: str = TEXT) -> np.ndarray:
+    """What a request with these effects and pauses must carry: the engine's stream through
+    the same shaping (the Python API's `infer_stream(audio=...)`)."""
+    chunks = tts.infer_stream(
+        text, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, audio=audio, **SAMPLING
+    )
+    return pcm16(torch.cat(list(chunks)))
+
+
+def pcm_of(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2")
+
+
+def test_pcm_is_24_khz_as_openai_clients_play_it_unless_sample_rate_says_otherwise(
+    client: openai.OpenAI, tts: SopranoTTS, streamed: torch.Tensor
+) -> None:
+    openai_pcm = client.audio.speech.create(
+        model="tts-1", voice="alloy", input=TEXT, response_format="pcm", extra_body=SAMPLING
+    ).content
+    wav_rate, _ = decode(speak(client, "wav", sample_rate=16_000), "wav")
+
+    expected = shaped_pcm(tts, AudioOptions(AudioEffects(sample_rate=24_000)))
+    assert abs(len(expected) - EXPECTED_SAMPLES * 3 // 4) <= 1
+    np.testing.assert_array_equal(pcm_of(openai_pcm), expected)
+    np.testing.assert_array_equal(pcm_of(speak(client, "pcm")), pcm16(streamed))  # 32000 asked
+    assert wav_rate == 16_000
+
+
+@pytest.mark.parametrize("speed", [0.5, 1.5, 4.0])
+def test_speed_is_honoured_while_streaming(
+    client: openai.OpenAI, tts: SopranoTTS, speed: float
+) -> None:
+    response = client.audio.speech.create(
+        model="tts-1", voice="alloy", input=TEXT, response_format="wav", speed=speed,
+        extra_body=NATIVE,
+    )  # fmt: skip
+    _, audio = decode(response.content, "wav")
+
+    expected = shaped_pcm(tts, AudioOptions(AudioEffects(speed=speed)))
+    np.testing.assert_array_equal(audio, expected)
+    assert len(audio) == pytest.approx(EXPECTED_SAMPLES / speed, rel=0.02)
+
+
+def test_volume_and_pauses_shape_the_audio(
+    client: openai.OpenAI, tts: SopranoTTS, streamed: torch.Tensor
+) -> None:
+    two_sentences = f"{TEXT} {TEXT}"
+    options = {"volume": 0.5, "sentence_silence": 0.25, "trailing_silence": 0.5}
+    data = client.audio.speech.create(
+        model="tts-1", voice="alloy", input=two_sentences, response_format="pcm",
+        extra_body={**NATIVE, **options},
+    ).content  # fmt: skip
+
+    audio = pcm_of(data)
+    expected = shaped_pcm(tts, AudioOptions(AudioEffects(volume=0.5), 0.25, 0.5), two_sentences)
+    np.testing.assert_array_equal(audio, expected)
+    pause, tail = SAMPLE_RATE // 4, SAMPLE_RATE // 2
+    assert len(audio) == 2 * EXPECTED_SAMPLES + pause + tail
+    assert not audio[EXPECTED_SAMPLES : EXPECTED_SAMPLES + pause].any()
+    assert not audio[-tail:].any()
+    assert audio[:EXPECTED_SAMPLES].any()

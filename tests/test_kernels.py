@@ -7,15 +7,22 @@ tests/test_native_lm.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import torch
 
+import soprano.lm.native as native_module
+import soprano.tts as tts_module
+from soprano import SopranoTTS
 from soprano.cpu import kernels
 
 BUILD_TIMEOUT = 240.0
@@ -46,12 +53,18 @@ static PyModuleDef module = {PyModuleDef_HEAD_INIT, NAME(TORCH_EXTENSION_NAME), 
 PyMODINIT_FUNC INIT_OF(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module); }
 """
 
-BUILD_AND_CALL = """
+KEEP_TORCH_LINKED = "-Wl,--no-as-needed"
+"""The kernels find GCC's OpenMP runtime through libtorch_cpu, which they use (its libgomp). The
+tiny extension uses nothing of torch, so --as-needed (Debian's GCC default) would drop libtorch_cpu
+from it; x86 wheels of torch load libgomp for everyone anyway, ARM ones do not."""
+
+BUILD_AND_CALL = f"""
 import sys
 from pathlib import Path
-from soprano.cpu.kernels import COMPILE_FLAGS, LINK_FLAGS, load_extension
+from soprano.cpu.kernels import LINK_FLAGS, compile_flags, load_extension
 name, source, family = sys.argv[1:]
-module = load_extension(name, Path(source), COMPILE_FLAGS[family], LINK_FLAGS[family])
+link = ["{KEEP_TORCH_LINKED}", *LINK_FLAGS[family]]
+module = load_extension(name, Path(source), compile_flags(family), link)
 print(module.threads())
 """
 
@@ -131,16 +144,75 @@ def test_the_switch_turns_the_kernels_off_without_a_build(
     assert kernels.unavailable_reason() == f"SOPRANO_KERNELS={value}"
 
 
-def test_other_systems_use_the_pytorch_path_with_one_line(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("system", ["Darwin", "Windows"])
+def test_other_systems_speak_on_the_pytorch_path_after_one_line(
+    system: str,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ):
     monkeypatch.delenv(kernels.SWITCH, raising=False)
-    monkeypatch.setattr(kernels.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(kernels.platform, "system", lambda: system)
     monkeypatch.setattr(kernels, "load_extension", pytest.fail)
-    with caplog.at_level(logging.INFO, logger="soprano.cpu.kernels"):
-        assert kernels.cpu_kernels.__wrapped__() is None
-    assert len(caplog.messages) == 1
-    assert "Linux only (this is Darwin)" in caplog.messages[0]
+    # What a fresh process on that system sees: one cached answer for the LM and the decoder.
+    fresh = functools.cache(kernels.cpu_kernels.__wrapped__)
+    monkeypatch.setattr(native_module, "cpu_kernels", fresh)
+    monkeypatch.setattr(tts_module, "cpu_kernels", fresh)
+    with caplog.at_level(logging.INFO, logger="soprano.cpu"):
+        tts = SopranoTTS(device="cpu", model_path=tiny_checkpoint, warmup=False)
+        audio = tts.infer("It still speaks.", max_new_tokens=6)
+    [line] = [r.getMessage() for r in caplog.records if r.name.startswith("soprano.cpu")]
+    assert f"Linux only (this is {system})" in line
+    assert isinstance(tts.lm, native_module.NativeLM) and tts.lm.model.compiled is None
+    assert len(audio) > 0
+
+
+FAILING_COMPILER = """#!/bin/sh
+case "$*" in
+  *--version*) echo "g++ (a compiler that fails) 12.2.0" ;;
+  *-dumpfullversion*|*-dumpversion*) echo "12.2.0" ;;
+  *) echo "failing-c++: error: this compiler always fails" >&2; exit 1 ;;
+esac
+"""
+
+SPEAK = """
+import logging, sys
+from soprano import SopranoTTS
+logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(name)s %(message)s")
+tts = SopranoTTS(device="cpu", model_path=sys.argv[1], warmup=False)
+print("compiled" if tts.lm.model.compiled is not None else "pytorch")
+print(len(tts.infer("A failed build still speaks.", max_new_tokens=6)))
+"""
+
+
+def test_a_failed_build_speaks_on_the_pytorch_path_after_one_warning(
+    tmp_path: Path, tiny_checkpoint: Path
+):
+    """End to end in a fresh process: a compiler that runs but fails every compile."""
+    compiler = tmp_path / "failing-c++"
+    compiler.write_text(FAILING_COMPILER)
+    compiler.chmod(0o755)
+    env = {**os.environ, "CXX": str(compiler), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop(kernels.SWITCH, None)
+    env.pop(kernels.MARCH, None)
+    ran = subprocess.run(
+        [sys.executable, "-c", SPEAK, str(tiny_checkpoint)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+    )
+    assert ran.returncode == 0, ran.stderr
+    mode, samples = ran.stdout.split()
+    assert mode == "pytorch" and int(samples) > 0
+    kernel_lines = [
+        line for line in ran.stderr.splitlines() if line.startswith("LOG WARNING soprano.cpu")
+    ]
+    assert len(kernel_lines) == 1, ran.stderr
+    assert (
+        "Could not build the native CPU kernels, using the slower PyTorch path" in (kernel_lines[0])
+    )
+    assert kernel_lines[0].endswith("failing-c++: error: this compiler always fails")
 
 
 def test_no_compiler_is_reported_as_such(
@@ -168,9 +240,90 @@ def test_the_compiler_family_is_recognised(version: str, family: str):
     assert kernels.compiler_family(version) == family
 
 
+@pytest.mark.parametrize(
+    ("machine", "flag"),
+    [
+        ("x86_64", "-march=native"),
+        ("aarch64", "-mcpu=native"),  # Linux's name; clang 14 rejects -march=native there
+        ("arm64", "-mcpu=native"),
+        ("armv7l", "-mcpu=native"),
+    ],
+)
+def test_the_native_flag_suits_the_architecture(machine: str, flag: str):
+    assert kernels.native_flag(machine) == flag
+    assert all(kernels.NATIVE_FLAG in flags for flags in kernels.COMPILE_FLAGS.values())
+
+
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ is not installed")
 def test_clang_builds_and_runs_openmp_code(tmp_path: Path, tiny_source: Path):
     """clang's OpenMP calls need libomp linked, which GCC's flags do not do."""
     built = build_in_subprocess(tmp_path, "soprano_test_clang", tiny_source, "clang", CXX="clang++")
     assert built.returncode == 0, kernels.first_error(built.stderr)
     assert int(built.stdout) >= 1
+
+
+MARCH_FOR_THIS_MACHINE = {"x86_64": "haswell", "aarch64": "armv8-a"}
+
+
+def test_a_forced_target_replaces_native_and_names_the_build(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(kernels.MARCH, raising=False)
+    native = kernels.compile_flags("gcc")
+    assert kernels.NATIVE_FLAG in native
+    monkeypatch.setenv(kernels.MARCH, "haswell")
+    forced = kernels.compile_flags("clang")
+    assert "-march=haswell" in forced and kernels.NATIVE_FLAG not in forced
+    assert [flag for flag in forced if flag != "-march=haswell"] == [
+        flag for flag in native if flag != kernels.NATIVE_FLAG
+    ]
+    tag = kernels._build_tag("g++ 12", kernels.compile_flags("gcc"), "gcc")
+    assert tag != kernels._build_tag("g++ 12", native, "gcc")
+
+
+@pytest.mark.parametrize("value", ["native; rm -rf /", "-O0", "x" * 65])
+def test_a_malformed_target_is_refused_in_one_line(
+    value: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    monkeypatch.delenv(kernels.SWITCH, raising=False)
+    monkeypatch.setenv(kernels.MARCH, value)
+    monkeypatch.setattr(kernels, "load_extension", pytest.fail)
+    with caplog.at_level(logging.WARNING, logger="soprano.cpu.kernels"):
+        assert kernels.cpu_kernels.__wrapped__() is None
+    [message] = caplog.messages
+    assert f"{kernels.MARCH}={value!r} is not a -march target" in message
+
+
+@pytest.mark.skipif(
+    platform.machine() not in MARCH_FOR_THIS_MACHINE, reason="no known -march for this CPU"
+)
+def test_the_forced_target_reaches_the_compiler(tmp_path: Path, tiny_source: Path):
+    march = MARCH_FOR_THIS_MACHINE[platform.machine()]
+    built = build_in_subprocess(
+        tmp_path, "soprano_test_march", tiny_source, SOPRANO_KERNELS_MARCH=march
+    )
+    assert built.returncode == 0, kernels.first_error(built.stderr)
+    assert int(built.stdout) >= 1
+    wrong = build_in_subprocess(
+        tmp_path, "soprano_test_bad_march", tiny_source, SOPRANO_KERNELS_MARCH="no-such-cpu"
+    )
+    assert wrong.returncode != 0
+    assert "no-such-cpu" in kernels.first_error(wrong.stderr)
+
+
+def test_build_info_says_what_the_build_targets(
+    compiled_kernels: ModuleType, caplog: pytest.LogCaptureFixture
+):
+    info = kernels.build_info(compiled_kernels)
+    isa_width = {"AVX-512": 16, "AVX2": 8, "NEON": 8, "generic": 8}
+    assert isa_width[str(info["isa"])] == compiled_kernels.VECTOR_WIDTH == info["vector_width"]
+    features = info["features"]
+    assert isinstance(features, list) and "OpenMP" in features
+    assert ("AVX512BF16" in features) == compiled_kernels.BF16_PRODUCTS
+    family = kernels.compiler_family(kernels._compiler())
+    assert str(info["compiler"]).startswith(family)
+    assert info["flags"] == " ".join(kernels.compile_flags(family))
+    assert info["threads"] == torch.get_num_threads()
+    with caplog.at_level(logging.DEBUG, logger="soprano.cpu.kernels"):
+        assert kernels.cpu_kernels.__wrapped__() is compiled_kernels  # loads the cached build
+    [loaded] = [message for message in caplog.messages if message.startswith("Native CPU")]
+    assert loaded == f"Native CPU kernels loaded: {kernels.describe(info)}"
+    assert f"{info['isa']} (" in loaded and f"{info['threads']} threads" in loaded

@@ -20,16 +20,18 @@ import pytest
 import torch
 
 from soprano import SopranoTTS
-from soprano.audio import to_pcm16
+from soprano.audio import AudioEffects, AudioOptions, to_pcm16
+from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
 from soprano.decoder import ChunkSchedule
 from soprano.lm import SamplingParams, SequenceBatch, Step
 from soprano.serving import (
+    DEFAULT_MAX_CHUNK_TOKENS,
     ServerBusyError,
     ServingLimits,
     SpeechService,
     SynthesisError,
 )
-from soprano.serving.scheduler import Scheduler
+from soprano.serving.scheduler import Scheduler, SentenceEnd
 from soprano.text import prepare_text
 
 TOKENS = 24
@@ -46,6 +48,14 @@ PYTORCH_TOLERANCE = 2
 @pytest.fixture(scope="module")
 def tts(endless_checkpoint: Path) -> SopranoTTS:
     return SopranoTTS(device="cpu", model_path=endless_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def int8_tts(endless_checkpoint: Path) -> SopranoTTS:
+    """dtype 'int8' (LM and decoder on int8 panels): lossy, and just as batch-invariant."""
+    return SopranoTTS(
+        device="cpu", model_path=endless_checkpoint, backend_options={"dtype": "int8"}
+    )
 
 
 def assert_same_audio(tts: SopranoTTS, actual: bytes, expected: bytes) -> None:
@@ -65,12 +75,16 @@ class Received:
 
     def __init__(self) -> None:
         self.chunks: list[torch.Tensor] = []
+        self.sentence_ends: list[int] = []
+        """Samples delivered before each SENTENCE_END."""
         self.ended = False
         self.error: BaseException | None = None
 
-    def __call__(self, item: torch.Tensor | BaseException | None) -> None:
+    def __call__(self, item: torch.Tensor | SentenceEnd | BaseException | None) -> None:
         if isinstance(item, torch.Tensor):
             self.chunks.append(item)
+        elif isinstance(item, SentenceEnd):
+            self.sentence_ends.append(sum(len(chunk) for chunk in self.chunks))
         elif item is None:
             self.ended = True
         else:
@@ -101,10 +115,13 @@ def solo(tts: SopranoTTS, text: str) -> bytes:
     return received.pcm
 
 
-@pytest.mark.parametrize("neighbours", [1, 3, 15])
+@pytest.mark.parametrize(
+    ("engine", "neighbours"), [("tts", 1), ("tts", 3), ("tts", 15), ("int8_tts", 3)]
+)
 def test_a_request_gets_the_same_bytes_whatever_shares_its_batch(
-    tts: SopranoTTS, neighbours: int
+    request: pytest.FixtureRequest, engine: str, neighbours: int
 ) -> None:
+    tts: SopranoTTS = request.getfixturevalue(engine)
     alone = solo(tts, SENTENCE)
     assert len(alone) == 2 * 2048 * (TOKENS - 1)
     scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16)
@@ -326,3 +343,28 @@ def test_a_request_for_a_voice_the_service_lacks_is_refused(tts: SopranoTTS) -> 
         assert service.requests_in_progress == 0
     finally:
         service.close()
+
+
+def test_pauses_count_as_buffered_audio_and_the_stream_equals_the_shaped_engine_stream(
+    tts: SopranoTTS,
+) -> None:
+    """Two 5 s pauses against a 1 s buffer: the job pauses at each and resumes as the reader
+    takes the silence (were pauses not counted when taken, it would never resume)."""
+    text = " ".join(OTHERS[:3])
+    audio = AudioOptions(AudioEffects(speed=1.5, sample_rate=24_000), sentence_silence=5.0)
+    service = SpeechService(tts, ServingLimits(max_buffered_seconds=1.0))
+    try:
+        stream = service.submit(prepare_text(text), GREEDY, audio=audio)
+        served = torch.cat(list(stream))
+    finally:
+        service.close()
+
+    chunks = tts.infer_stream(
+        text, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, audio=audio, sampling=GREEDY
+    )
+    assert_same_audio(tts, to_pcm16(served), to_pcm16(torch.cat(list(chunks))))
+    job = stream.job
+    assert job is not None and stream.sample_rate == 24_000
+    assert job.silence_samples == 2 * 5 * SAMPLE_RATE
+    assert job.produced_samples - job.silence_samples == 3 * (TOKENS - 1) * TOKEN_SAMPLES
+    assert job.consumed_samples == job.produced_samples

@@ -40,7 +40,8 @@ MP3_FRAME = 1152
 MP3_DELAY = 576
 TIMEOUT_MS = 120_000
 SUMMARY = re.compile(
-    r"(\S+): (\d+\.\d\d) s of audio in \d+\.\d\d s \(\d+\.\d× real time\); first audio after \d+\.\d\d s"
+    r"(\S+): (\d+\.\d\d) s of audio in \d+\.\d\d s \(\d+\.\d× real time\); "
+    r"first audio after \d+\.\d\d s"
 )
 AUDIO_EVENTS = ("canplay", "playing", "error")
 RECORD_AUDIO_EVENTS = f"""

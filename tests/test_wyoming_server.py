@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import torch
 from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
@@ -38,7 +39,8 @@ from wyoming.tts import (
 )
 
 from soprano import SopranoTTS
-from soprano.audio import to_pcm16
+from soprano.audio import AudioEffects, to_pcm16
+from soprano.audio.pauses import AudioOptions
 from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH, TOKEN_SAMPLES
 from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
 from soprano.text import prepare_text
@@ -74,6 +76,11 @@ AUDIO_FORMAT = (SAMPLE_RATE, SAMPLE_WIDTH, 1)
 IDLE_TIMEOUT = 1.0
 MAX_CONNECTIONS = 3
 SECOND_VOICE = "zweite"
+BUSY_BUFFERED_SECONDS = 5.0
+"""The busy server's backpressure bound: small, so that a reader that stops is paused after
+little work even on a loaded machine."""
+SHAPED = AudioOptions(AudioEffects(speed=1.5, volume=0.8, sample_rate=22_050), 0.3, 0.5)
+"""The audio options of the server that shapes its audio."""
 
 T = TypeVar("T")
 
@@ -175,6 +182,7 @@ def servers(
         "busy": ServerProcess(
             *("--model", str(endless_checkpoint), "--device", "cpu"),
             *("--temperature", "1.0", "--seed", "3", "--max-new-tokens", "400", "--debug"),
+            *("--max-buffered-seconds", str(BUSY_BUFFERED_SECONDS)),
         ),
         "guarded": ServerProcess(
             *model,
@@ -186,6 +194,15 @@ def servers(
             *("--voice", f"{SECOND_VOICE}={voice_data_dir / 'second'},language=de_DE"),
             *("--max-new-tokens", str(MAX_NEW_TOKENS)),
             *("--samples-per-chunk", str(SAMPLES_PER_CHUNK)),
+        ),
+        "shaped": ServerProcess(
+            *model,
+            *("--max-new-tokens", str(MAX_NEW_TOKENS)),
+            *("--samples-per-chunk", str(SAMPLES_PER_CHUNK)),
+            *("--speed", str(SHAPED.effects.speed), "--volume", str(SHAPED.effects.volume)),
+            *("--sample-rate", str(SHAPED.sample_rate)),
+            *("--sentence-silence", str(SHAPED.sentence_silence)),
+            *("--trailing-silence", str(SHAPED.trailing_silence)),
         ),
         "stdio": ServerProcess(
             *model,
@@ -224,6 +241,11 @@ def guarded_server(servers: dict[str, ServerProcess]) -> ServerProcess:
 @pytest.fixture(scope="module")
 def voices_server(servers: dict[str, ServerProcess]) -> ServerProcess:
     return servers["voices"]
+
+
+@pytest.fixture(scope="module")
+def shaped_server(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["shaped"]
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +299,9 @@ async def events_through(client: AsyncTcpClient, last_type: str) -> list[Event]:
     return events
 
 
-def audio_cycles(events: list[Event], samples_per_chunk: int) -> list[bytes]:
+def audio_cycles(
+    events: list[Event], samples_per_chunk: int, audio_format: tuple[int, int, int] = AUDIO_FORMAT
+) -> list[bytes]:
     """The PCM of each audio-start … audio-stop cycle, checking order, format and chunk sizes."""
     cycles: list[bytes] = []
     chunks: list[bytes] | None = None
@@ -285,12 +309,12 @@ def audio_cycles(events: list[Event], samples_per_chunk: int) -> list[bytes]:
         if event.type == "audio-start":
             assert chunks is None, "audio-start inside a cycle"
             start = AudioStart.from_event(event)
-            assert (start.rate, start.width, start.channels) == AUDIO_FORMAT
+            assert (start.rate, start.width, start.channels) == audio_format
             chunks = []
         elif event.type == "audio-chunk":
             assert chunks is not None, "audio-chunk outside a cycle"
             chunk = AudioChunk.from_event(event)
-            assert (chunk.rate, chunk.width, chunk.channels) == AUDIO_FORMAT
+            assert (chunk.rate, chunk.width, chunk.channels) == audio_format
             chunks.append(chunk.audio)
         elif event.type == "audio-stop":
             assert chunks is not None, "audio-stop without audio-start"
@@ -788,7 +812,7 @@ def test_a_flood_of_events_does_not_starve_other_connections(server: ServerProce
 def test_a_client_that_stops_reading_pauses_its_generation_and_others_are_served(
     busy_server: ServerProcess,
 ) -> None:
-    """Backpressure: once its socket buffers are full and 30 s of its audio wait unread, the
+    """Backpressure: once its socket buffers are full and 5 s of its audio wait unread, the
     request gets no more rows (memory stays bounded), while other clients are served."""
 
     async def stop_reading() -> asyncio.StreamWriter:
@@ -918,3 +942,45 @@ def test_a_stream_speaks_with_the_voice_of_its_start(
 
     cycles = audio_cycles(run(scenario()), SAMPLES_PER_CHUNK)
     assert b"".join(cycles) == reference_pcm(second_engine, TEXT)
+
+
+def shaped_reference(engine: SopranoTTS, text: str, audio: AudioOptions) -> bytes:
+    """The engine's stream of `text` through the same effects and pauses."""
+    chunks = engine.infer_stream(
+        text, max_chunk_size=DEFAULT_MAX_CHUNK_TOKENS, max_new_tokens=MAX_NEW_TOKENS, audio=audio
+    )
+    return to_pcm16(torch.cat(list(chunks)))
+
+
+def test_server_wide_speed_volume_rate_and_pauses_shape_every_reply(
+    shaped_server: ServerProcess, engine: SopranoTTS
+) -> None:
+    """Home Assistant sends no speed or volume: --speed and the rest apply to everything. With
+    a sentence pause, a stream (a request per sentence) equals the one-shot reply."""
+
+    async def scenario() -> tuple[list[Event], list[Event]]:
+        client = await connect(shaped_server)
+        await client.write_event(Synthesize(TEXT).event())
+        one_shot = await events_through(client, "audio-stop")
+        await client.write_event(SynthesizeStart().event())
+        for start in range(0, len(TEXT), 9):
+            await client.write_event(SynthesizeChunk(TEXT[start : start + 9]).event())
+        await client.write_event(SynthesizeStop().event())
+        streamed = await events_through(client, "synthesize-stopped")
+        await client.disconnect()
+        return one_shot, streamed
+
+    one_shot, streamed = run(scenario())
+    shaped_format = (SHAPED.sample_rate, SAMPLE_WIDTH, 1)
+    [pcm] = audio_cycles(one_shot, SAMPLES_PER_CHUNK, shaped_format)
+    cycles = audio_cycles(streamed, SAMPLES_PER_CHUNK, shaped_format)
+
+    expected = shaped_reference(engine, TEXT, SHAPED)
+    assert pcm == expected
+    assert len(cycles) >= 2 and b"".join(cycles) == expected
+    tail = round(SHAPED.trailing_silence * SHAPED.sample_rate) * SAMPLE_WIDTH
+    assert not any(pcm[-tail:]) and any(pcm[-tail - 2 * SAMPLE_WIDTH : -tail])
+    plain = len(reference_pcm(engine, TEXT)) // SAMPLE_WIDTH
+    pauses = (len(prepare_text(TEXT)) - 1) * SHAPED.sentence_silence + SHAPED.trailing_silence
+    speech = len(pcm) // SAMPLE_WIDTH / SHAPED.sample_rate - pauses
+    assert speech == pytest.approx(plain / SAMPLE_RATE / SHAPED.effects.speed, rel=0.03)

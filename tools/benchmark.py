@@ -6,6 +6,10 @@ reports the median of the repeats. The checkpoint has the real Soprano-1.1-80M d
 weights and a silent [STOP] row, so every sentence runs exactly to its token limit.
 
     script/benchmark [--repeats 3] [--backends transformers,native,native:dtype=int8] [--json]
+
+A column may also build the kernels for another target: `native:march=haswell` sets
+SOPRANO_KERNELS_MARCH in its worker (AVX2 on an AVX-512 machine, side by side). The table names
+the kernel build each column ran.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES, TOKENS_PER_SECOND
+from soprano.cpu import kernels
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "benchmark"
 DEFAULT_BACKENDS = "transformers,native,native:dtype=int8"
@@ -54,6 +59,8 @@ PARAGRAPH = (
 )
 BATCH_SIZES = (1, 4, 16)
 STEP_BATCH_SIZES = (1, 16)
+INFER_BATCH_TEXTS = 16
+"""Texts of one sentence each that `infer_batch` gets at once (as many as a serving step holds)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ class Settings:
 @dataclass(frozen=True)
 class Task:
     kind: str
-    """'lm', 'step', 'decoder', 'e2e', 'stream' or 'ttfa'."""
+    """'lm', 'step', 'decoder', 'e2e', 'batch', 'stream' or 'ttfa'."""
     label: str
     arg: Any = None
 
@@ -83,6 +90,11 @@ def tasks(settings: Settings) -> list[Task]:
         Task("decoder", f"decoder × real time ({settings.decoder_tokens} tokens)"),
         Task("e2e", "infer × real time, one sentence", SENTENCE),
         Task("e2e", "infer × real time, paragraph (6 sentences)", PARAGRAPH),
+        Task(
+            "batch",
+            f"infer_batch × real time, {INFER_BATCH_TEXTS} sentences",
+            [SENTENCE] * INFER_BATCH_TEXTS,
+        ),
         Task("stream", "infer_stream × real time, one sentence", SENTENCE),
         Task("ttfa", "infer_stream time to first audio, one sentence (ms)", SENTENCE),
     ]
@@ -99,8 +111,12 @@ def ensure_checkpoint(folder: Path = CACHE_DIR / "soprano-1.1-80m-random") -> Pa
     return folder
 
 
+MARCH_OPTION = "march"
+"""A column's option that is the benchmark's, not the backend's: its kernels' -march target."""
+
+
 def parse_backend(spec: str) -> tuple[str, dict[str, Any]]:
-    """'native:dtype=int8,threads=1' → ('native', {'dtype': 'int8', 'threads': 1})."""
+    """'native:dtype=int8;threads=1' → ('native', {'dtype': 'int8', 'threads': 1})."""
     name, _, raw = spec.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, raw.split(";")):
@@ -124,12 +140,15 @@ def worker(
     if threads is not None:
         torch.set_num_threads(threads)
     name, options = parse_backend(spec)
+    march = options.pop(MARCH_OPTION, None)
+    if march is not None:
+        os.environ[kernels.MARCH] = str(march)
     tts = SopranoTTS(
         backend=name, device=device, model_path=checkpoint, warmup=False, backend_options=options
     )
     tts.infer("Hello world!", max_new_tokens=8)
     runners = _runners(tts, settings) | _contention_runners(tts, settings)
-    pipe.send("ready")
+    pipe.send(("ready", kernel_build(tts)))
     try:
         while (task := pipe.recv()) is not None:
             pipe.send(runners[task.kind](task.arg))
@@ -139,6 +158,16 @@ def worker(
     if tts.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     pipe.send(peak)
+
+
+def kernel_build(tts: Any) -> str:
+    """Which kernel build a worker's engine runs (ISA, compiler, flags, threads), if any."""
+    built = kernels.cpu_kernels() if tts.device.type == "cpu" else None
+    if built is None:
+        return "none (PyTorch path)"
+    lm_model = getattr(tts.lm, "model", None)
+    lm = "LM and decoder" if getattr(lm_model, "compiled", None) is not None else "decoder"
+    return f"{kernels.describe(kernels.build_info(built))} ({lm})"
 
 
 def _runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], float]]:
@@ -173,6 +202,11 @@ def _runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], float]]:
         audio = tts.infer(text, max_new_tokens=settings.sentence_tokens)
         return len(audio) / SAMPLE_RATE / (time.perf_counter() - start)
 
+    def batch(texts: list[str]) -> float:
+        start = time.perf_counter()
+        audios = tts.infer_batch(texts, max_new_tokens=settings.sentence_tokens)
+        return sum(len(audio) for audio in audios) / SAMPLE_RATE / (time.perf_counter() - start)
+
     def stream(text: str) -> float:
         """Streaming throughput: every chunk decoded on its own, as the Wyoming server does."""
         start = time.perf_counter()
@@ -194,6 +228,7 @@ def _runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], float]]:
         "step": step,
         "decoder": decoder,
         "e2e": e2e,
+        "batch": batch,
         "stream": stream,
         "ttfa": ttfa,
     }
@@ -222,10 +257,7 @@ def run(
         process.start()
         pipes[spec] = parent
         processes.append(process)
-    for spec, pipe in pipes.items():
-        if pipe.recv() != "ready":
-            raise RuntimeError(f"worker for {spec} did not start")
-        log(f"loaded {spec}")
+    builds = await_workers(pipes, log)
     results: dict[str, dict[str, list[float]]] = {spec: {} for spec in backends}
     for repeat in range(repeats):
         for task in tasks(settings):
@@ -252,9 +284,22 @@ def run(
         "command": " ".join(["script/benchmark", *sys.argv[1:]]),
         "settings": settings.__dict__ | {"repeats": repeats, "device": device},
         "backends": backends,
+        "kernels": builds,
         "medians": medians,
         "samples": results,
     }
+
+
+def await_workers(pipes: dict[str, Connection], log: Callable[[str], None]) -> dict[str, str]:
+    """Wait for every worker to load; returns each one's kernel build."""
+    builds = {}
+    for name, pipe in pipes.items():
+        message = pipe.recv()
+        if not (isinstance(message, tuple) and message[0] == "ready"):
+            raise RuntimeError(f"worker for {name} did not start")
+        builds[name] = message[1]
+        log(f"loaded {name}: kernels {builds[name]}")
+    return builds
 
 
 def machine(threads: int | None) -> dict[str, Any]:
@@ -308,6 +353,8 @@ def table(report: dict[str, Any]) -> str:
         + f"audio); 1 s of audio = {TOKENS_PER_SECOND} tokens = {SAMPLE_RATE} samples "
         + f"({TOKEN_SAMPLES} per token). Ratios (×) against {backends[0]}, higher is better.",
         f"Command: {report['command']}",
+        "Kernels:",
+        *(f"- {spec}: {build}" for spec, build in report["kernels"].items()),
     ]
     return "\n".join(lines)
 
@@ -318,15 +365,18 @@ def accuracy(device: str, tokens: int, variants: list[str]) -> dict[str, Any]:
 
     Free-running: how many sentences give the same tokens, and how far they agree. Teacher-forced
     (everyone reads the reference tokens): the error of the hidden states that feed the decoder,
-    and how often the top logit agrees.
+    and how often the top logit agrees. The decoder that the option brings (on CPU kernels: bf16
+    or int8 weights) against the exact PyTorch decoder, both fed the reference states.
     """
     from soprano.checkpoint import Checkpoint
+    from soprano.decoder import SopranoDecoder
     from soprano.device import select_device
     from soprano.lm import SamplingParams
     from soprano.lm.native import NativeLM
     from soprano.lm.transformers import TransformersLM
     from soprano.text import prepare_text
     from soprano.tokenizer import PromptTokenizer
+    from soprano.tts import store_decoder_weights
 
     checkpoint = Checkpoint.from_folder(ensure_checkpoint())
     torch_device = select_device(device)
@@ -336,10 +386,16 @@ def accuracy(device: str, tokens: int, variants: list[str]) -> dict[str, Any]:
     reference = TransformersLM(checkpoint, torch_device)
     expected = reference.generate(prompts, params)
     expected_top = [reference.model.lm_head(g.hidden).argmax(-1).tolist() for g in expected]
+    decoder_state = checkpoint.load_decoder_state()
+    exact_decoder = SopranoDecoder.from_state_dict(decoder_state).to(torch_device)
+    expected_audio = torch.cat(exact_decoder.decode([g.hidden for g in expected]))
     results: dict[str, Any] = {}
     for spec in variants:
         _, options = parse_backend(spec)
         lm = NativeLM(checkpoint, torch_device, **options)
+        decoder = SopranoDecoder.from_state_dict(decoder_state).to(torch_device)
+        store_decoder_weights(decoder, torch_device, options)
+        audio_error = torch.cat(decoder.decode([g.hidden for g in expected])) - expected_audio
         generated = lm.generate(prompts, params)
         prefixes = [
             _common_prefix(mine.tokens, theirs.tokens) / len(theirs.tokens)
@@ -363,11 +419,16 @@ def accuracy(device: str, tokens: int, variants: list[str]) -> dict[str, Any]:
             "top token agreement (teacher-forced)": agree / len(reference_states),
             "hidden max abs error": error.abs().max().item(),
             "hidden relative RMS error": (error.norm() / reference_states.norm()).item(),
+            "decoder audio relative RMS error (same states)": (
+                audio_error.norm() / expected_audio.norm()
+            ).item(),
         }
+    built = kernels.cpu_kernels() if torch_device.type == "cpu" else None
     return {
         "machine": machine(None),
         "command": " ".join(["script/benchmark", *sys.argv[1:]]),
         "settings": {"sentences": len(prompts), "tokens": tokens, "device": device},
+        "kernels": "none" if built is None else kernels.describe(kernels.build_info(built)),
         "variants": results,
     }
 
@@ -403,6 +464,7 @@ def accuracy_table(report: dict[str, Any]) -> str:
         "full-size random checkpoint; a trained model's peaked distributions make top-token "
         "ties rarer, so these agreement figures are pessimistic.",
         f"Command: {report['command']}",
+        f"Kernels: {report['kernels']}",
     ]
     return "\n".join(lines)
 
@@ -422,7 +484,9 @@ def _format(value: Any) -> str:
 # starts with its environment; the competitors are busy loops that this benchmark starts and
 # always stops.
 
-OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+OPENMP_LOOPS = "SOPRANO_OPENMP_LOOPS"
+"""Set: the kernels run their loops on OpenMP's threads instead of their own pool (as before)."""
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", OPENMP_LOOPS)
 """A worker starts with these unset, but for its setting's own."""
 LIBGOMP_DEFAULT_WAIT = {"GOMP_SPINCOUNT": "300000"}
 """libgomp's own wait without OMP_WAIT_POLICY (spin 300,000 times, some ms, then sleep), what
@@ -462,20 +526,27 @@ class ThreadSetting:
 
 
 def thread_settings() -> list[ThreadSetting]:
-    """One thread; one per core with libgomp's own wait (the former default), with a short
-    spin, and with Soprano's default wait policy."""
+    """One thread; one per core on OpenMP loops with libgomp's own wait (the former default)
+    and with the passive wait; and Soprano's default: the kernels' own pool, passive wait."""
     from soprano.threads import OPENMP_DEFAULTS
 
     cores = len(os.sched_getaffinity(0))  # what libgomp counts: a taskset limits it
     defaults = ", ".join(f"{name}={value}" for name, value in OPENMP_DEFAULTS.items())
+    openmp_loops = {OPENMP_LOOPS: "1"}
     return [
         ThreadSetting("1 thread", 1, LIBGOMP_DEFAULT_WAIT),
         ThreadSetting(
-            f"{cores} threads, libgomp's default wait (before)", cores, LIBGOMP_DEFAULT_WAIT
+            f"{cores} threads, OpenMP loops, libgomp's default wait (before)",
+            cores,
+            openmp_loops | LIBGOMP_DEFAULT_WAIT,
         ),
-        ThreadSetting(f"{cores} threads, GOMP_SPINCOUNT=1000", cores, {"GOMP_SPINCOUNT": "1000"}),
         ThreadSetting(
-            f"Soprano's default: {cores} threads, {defaults}", None, dict(OPENMP_DEFAULTS)
+            f"{cores} threads, OpenMP loops, {defaults}", cores, openmp_loops | OPENMP_DEFAULTS
+        ),
+        ThreadSetting(
+            f"Soprano's default: {cores} threads, the kernels' pool, {defaults}",
+            None,
+            dict(OPENMP_DEFAULTS),
         ),
     ]
 
@@ -575,10 +646,7 @@ def run_contention(
                 process.start()
             pipes[setup.label] = parent
             processes.append(process)
-        for label, pipe in pipes.items():
-            if pipe.recv() != "ready":
-                raise RuntimeError(f"worker for {label} did not start")
-            log(f"loaded {label}")
+        await_workers(pipes, log)
         for repeat in range(repeats):
             order = setups[repeat % len(setups) :] + setups[: repeat % len(setups)]
             for load in COMPETITOR_LOADS:
@@ -661,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backends",
         default=DEFAULT_BACKENDS,
-        help="comma-separated; options after ':' joined by ';' (e.g. native:dtype=int8;threads=1)",
+        help="comma-separated; options after ':' joined by ';' (e.g. native:dtype=int8;threads=1;"
+        "march=haswell, the last one building the column's kernels for that -march target)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument(
@@ -699,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [spec for spec in args.backends.split(",") if spec]
     for spec in backends:
         name, options = parse_backend(spec)
+        options.pop(MARCH_OPTION, None)
         if options and name != "native":
             parser.error(f"only the native backend takes options: {spec}")
     report = run(backends, args.device, args.threads, args.repeats, settings, log=_stderr)

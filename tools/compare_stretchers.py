@@ -11,11 +11,12 @@ growing to 8), and is scored on:
 - round trip: stretched by the speed, then by its inverse, against the original: log-mel
   distance in dB (0 = identical; halving the amplitude scores 6);
 - chunked = one-shot: the largest sample difference between feeding random chunk sizes (1 to
-  5000 samples) and one call, and the sharpest second difference near the chunk seams against
-  the same places of the one-shot output ("seam clicks": 1 when chunking adds nothing, above 1
-  when a seam is sharper);
-- cost: milliseconds of processing per second of audio, one thread, median of interleaved
-  rounds; latency: milliseconds of output held back after each engine chunk (median).
+  5000 samples) and one call (and the length difference, if any), and the sharpest second
+  difference near the chunk seams against the same places of the one-shot output ("seam
+  clicks": 1 when chunking adds nothing, above 1 when a seam is sharper);
+- cost: milliseconds of processing per second of audio (every candidate runs on the calling
+  thread), median of interleaved rounds; latency: milliseconds of output held back after each
+  engine chunk (median; for EffectChain also after the first chunk).
 
 The optional candidates are installed only for this comparison:
 
@@ -350,7 +351,7 @@ def measure(
     rng = np.random.default_rng(0)
     results: dict[float, dict[str, float]] = {}
     for speed in SPEEDS:
-        f0_errors, durations, trips, diffs, clicks, held = [], [], [], [], [], []
+        f0_errors, durations, trips, diffs, lengths, clicks, held = [], [], [], [], [], [], []
         for audio in utterances:
             out, _, lag = run(factory, speed, audio, engine_chunks(len(audio)))
             held.extend(lag)
@@ -364,16 +365,15 @@ def measure(
             whole, _, _ = run(factory, speed, audio, iter([slice(0, len(audio))]))
             chunked, seams, _ = run(factory, speed, audio, random_chunks(len(audio), rng))
             common = min(len(whole), len(chunked))
-            diffs.append(
-                float(np.abs(whole[:common] - chunked[:common]).max())
-                + float(len(whole) != len(chunked))
-            )
+            diffs.append(float(np.abs(whole[:common] - chunked[:common]).max()))
+            lengths.append(abs(len(whole) - len(chunked)))
             clicks.append(clickiness(chunked, seams, whole))
         results[speed] = {
             "f0": float(np.mean(f0_errors)),
             "duration": float(np.mean(durations)),
             "trip": float(np.mean(trips)),
             "diff": max(diffs),
+            "lengths": max(lengths),
             "clicks": max(clicks),
             "held": float(np.median(held)),
         }
@@ -425,7 +425,7 @@ def chain_table(speech: np.ndarray) -> None:
     """What each option of EffectChain costs and holds back, in the engine's chunks."""
     seconds = len(speech) / SAMPLE_RATE
     cost: dict[AudioEffects, list[float]] = {effects: [] for effects in CHAIN_OPTIONS}
-    held: dict[AudioEffects, float] = {}
+    held: dict[AudioEffects, tuple[float, float]] = {}
     for _ in range(TIMING_ROUNDS):
         for effects in CHAIN_OPTIONS:
             started = time.perf_counter()
@@ -437,21 +437,66 @@ def chain_table(speech: np.ndarray) -> None:
                 effects.sample_rate,
             )
             cost[effects].append((time.perf_counter() - started) / seconds * 1000)
-            held[effects] = float(np.median(lag))
-    print("\n| EffectChain | ms per s of audio | held back ms (median) |")
-    print("|---|---|---|")
+            held[effects] = (lag[0], float(np.median(lag)))
+    print("\n| EffectChain | ms per s of audio | held back ms: first chunk | median |")
+    print("|---|---|---|---|")
     for effects in CHAIN_OPTIONS:
         options = ", ".join(
             f"{field}={getattr(effects, field):g}"
             for field in ("speed", "volume", "sample_rate")
             if getattr(effects, field) != getattr(AudioEffects(), field)
         )
-        print(f"| {options} | {statistics.median(cost[effects]):.1f} | {held[effects]:.0f} |")
+        first, typical = held[effects]
+        print(
+            f"| {options} | {statistics.median(cost[effects]):.1f} | {first:.0f} | {typical:.0f} |"
+        )
+
+
+RESAMPLE_RATES = (24000, 48000, 22050, 16000, 8000)
+RESAMPLE_QUALITIES = ("LQ", "MQ", "HQ", "VHQ")
+
+
+class _Resampler:
+    """A soxr stream in the Stretcher shape."""
+
+    def __init__(self, rate: int, quality: str) -> None:
+        import soxr
+
+        self._soxr = soxr.ResampleStream(SAMPLE_RATE, rate, 1, dtype="float32", quality=quality)
+
+    def process(self, audio: np.ndarray) -> np.ndarray:
+        return np.asarray(self._soxr.resample_chunk(audio), dtype=np.float32)
+
+    def flush(self) -> np.ndarray:
+        return np.asarray(
+            self._soxr.resample_chunk(np.zeros(0, np.float32), last=True), dtype=np.float32
+        )
+
+
+def resampler_table(speech: np.ndarray) -> None:
+    """soxr's output held back in the engine's chunks (median, ms), by rate and quality."""
+    print("\n| rate | " + " | ".join(RESAMPLE_QUALITIES) + " |")
+    print("|---|" + "---|" * len(RESAMPLE_QUALITIES))
+    for rate in RESAMPLE_RATES:
+        held = []
+        for quality in RESAMPLE_QUALITIES:
+            _, _, lag = run(
+                lambda _speed, rate=rate, quality=quality: _Resampler(rate, quality),
+                1.0,
+                speech,
+                engine_chunks(len(speech)),
+                rate,
+            )
+            held.append(f"{np.median(lag):.0f}")
+        print(f"| {rate} | " + " | ".join(held) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="candidate names to run (default: all there)")
+    parser.add_argument(
+        "--part", choices=("all", "stretchers", "chain", "resampler"), default="all"
+    )
     args = parser.parse_args()
     names = [n for n, (_, there, _) in CANDIDATES.items() if there()]
     if args.only:
@@ -460,11 +505,15 @@ def main() -> None:
     utterances = [speak(text, voice) for voice in VOICES for text in SENTENCES]
     speech = np.concatenate(utterances)
     print(f"{len(utterances)} utterances, {len(speech) / SAMPLE_RATE:.1f} s; load: {_load()}")
-    quality = {name: measure(name, CANDIDATES[name][0], utterances) for name in names}
-    speed_ms = timings(names, speech)
-    chain_table(speech)
-    print(f"\nload after: {_load()}; not measured (not installed): {', '.join(missing) or 'none'}")
-    _table(names, quality, speed_ms)
+    if args.part in ("all", "resampler"):
+        resampler_table(speech)
+    if args.part in ("all", "chain"):
+        chain_table(speech)
+    if args.part in ("all", "stretchers"):
+        quality = {name: measure(name, CANDIDATES[name][0], utterances) for name in names}
+        speed_ms = timings(names, speech)
+        print(f"\nload after: {_load()}; not measured: {', '.join(missing) or 'none'}")
+        _table(names, quality, speed_ms)
 
 
 def _load() -> str:
@@ -485,7 +534,9 @@ def _table(
         streaming = CANDIDATES[name][0].streaming
         for speed in SPEEDS:
             r = quality[name][speed]
-            exact = "exact" if r["diff"] == 0 else f"{r['diff']:.2g}"
+            exact = "exact" if r["diff"] == 0 and r["lengths"] == 0 else f"{r['diff']:.2g}"
+            if r["lengths"]:
+                exact += f", ±{r['lengths']:.0f} samples"
             seams = f"{exact} | {r['clicks']:.2f}" if streaming else "offline | -"
             held = f"{r['held']:.0f}" if streaming else "all"
             print(

@@ -123,6 +123,7 @@ async def http_reply(port: int, text: str, tokens: int) -> Reply:
     import httpx
 
     body = {"input": text, "response_format": "pcm", "max_new_tokens": tokens}
+    body["sample_rate"] = SAMPLE_RATE  # the engine's own audio, not OpenAI's 24 kHz pcm
     async with httpx.AsyncClient(timeout=600) as client:
         reply = Reply(time.perf_counter())
         async with client.stream(

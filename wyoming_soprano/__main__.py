@@ -16,15 +16,18 @@ from wyoming.event import async_get_stdin, async_get_stdout
 from wyoming.server import AsyncServer, AsyncStdioServer, AsyncTcpServer, HandlerFactory
 
 from soprano.apps.options import (
+    add_audio_arguments,
     add_model_arguments,
     add_sampling_arguments,
     add_serving_arguments,
     add_voice_arguments,
+    audio_options,
     sampling_params,
     serving_limits,
     voice_catalog,
     voice_loaders,
 )
+from soprano.audio.pauses import AudioOptions
 from soprano.constants import TOKEN_SAMPLES
 from soprano.errors import SopranoError
 from soprano.lm import SamplingParams
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     add_voice_arguments(parser)
+    add_audio_arguments(parser, "every request: Home Assistant sends none")
     add_sampling_arguments(parser, "sampling for every request")
     add_serving_arguments(parser)
     parser.add_argument(
@@ -151,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sampling = sampling_params(parser, args)
     limits = serving_limits(parser, args)
+    audio = audio_options(parser, args)
 
     catalog = voice_catalog(parser, args)
     try:
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     try:
-        return asyncio.run(serve(args, server, service, catalog, sampling))
+        return asyncio.run(serve(args, server, service, catalog, sampling, audio))
     except (AnnouncementError, OSError) as error:
         _LOGGER.error("Cannot serve: %s", error)
         return 1
@@ -173,6 +178,7 @@ async def serve(
     service: SpeechService,
     catalog: VoiceCatalog,
     sampling: SamplingParams,
+    audio: AudioOptions,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or, on stdio, until stdin closes)."""
     context = ServerContext(
@@ -181,6 +187,7 @@ async def serve(
         sampling=sampling,
         chunk_size=max(1, args.samples_per_chunk // TOKEN_SAMPLES),
         samples_per_chunk=args.samples_per_chunk,
+        audio=audio,
         idle_timeout=None if isinstance(server, AsyncStdioServer) else args.idle_timeout,
         connections=ConnectionCount(args.max_connections),
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -28,10 +28,16 @@ from wyoming.tts import (
 )
 
 from soprano.audio import to_pcm16
-from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH
+from soprano.audio.pauses import AudioOptions
+from soprano.constants import SAMPLE_WIDTH
 from soprano.errors import SopranoError
 from soprano.lm import SamplingParams
-from soprano.serving import ServerBusyError, SpeechService, SpeechStream, SynthesisError
+from soprano.serving import (
+    ServerBusyError,
+    SpeechService,
+    SpeechStream,
+    SynthesisError,
+)
 from soprano.text import prepare_text
 from wyoming_soprano.framing import ProtocolError, read_event
 from wyoming_soprano.sentences import SentenceStream
@@ -65,6 +71,8 @@ class ServerContext:
     chunk_size: int
     """Tokens in the first streamed chunk of a sentence (later ones grow)."""
     samples_per_chunk: int
+    audio: AudioOptions
+    """Effects and pauses of every request (Home Assistant sends no speed or volume)."""
     idle_timeout: float | None
     """Seconds a connection may take to complete an event while nothing is spoken for it
     (None: no limit, for stdio, whose one peer is the process that started the server)."""
@@ -103,6 +111,8 @@ class SopranoEventHandler(AsyncEventHandler):
         self._stream: SentenceStream | None = None
         self._stream_voice: str | None = None
         """The voice that synthesize-start asked for: the stream's sentences use it."""
+        self._stream_spoken = False
+        """The open stream has had sentences spoken: later ones follow a sentence pause."""
         self._replies: asyncio.Queue[Reply | None] = asyncio.Queue()
         self._room = asyncio.Semaphore(MAX_QUEUED_REPLIES)
         self._unfinished: set[SpeechStream] = set()
@@ -195,20 +205,21 @@ class SopranoEventHandler(AsyncEventHandler):
             else:
                 voice = self._check_options(event.data)
                 sentences = await asyncio.to_thread(prepare_text, _text(event.data))
-                await self._speak(sentences, voice, announce_empty=True)
+                await self._speak(sentences, voice, self.context.audio, announce_empty=True)
         elif SynthesizeStart.is_type(event.type):
             if self._stream is not None:
                 _LOGGER.debug("synthesize-start inside a stream ends the open stream first")
                 await self._end_stream()
             self._stream_voice = self._check_options(event.data)
             self._stream = SentenceStream()
+            self._stream_spoken = False
         elif SynthesizeChunk.is_type(event.type):
             if self._stream is None:
                 _LOGGER.debug("Ignoring synthesize-chunk outside a stream")
             else:
                 sentences = await asyncio.to_thread(self._stream.add, _text(event.data))
                 if sentences:
-                    await self._speak(sentences, self._stream_voice, announce_empty=False)
+                    await self._speak_streamed(sentences, last=False)
         elif SynthesizeStop.is_type(event.type):
             await self._end_stream()
         else:
@@ -236,12 +247,26 @@ class SopranoEventHandler(AsyncEventHandler):
             return service.default_voice
         return str(name)
 
-    async def _speak(self, sentences: list[str], voice: str | None, announce_empty: bool) -> None:
+    async def _speak_streamed(self, sentences: list[str], last: bool) -> None:
+        """Sentences of the open stream, each batch its own audio cycle: a sentence pause
+        before all but the first, the trailing silence after the last."""
+        audio = self.context.audio
+        audio = replace(
+            audio,
+            leading_silence=audio.sentence_silence if self._stream_spoken else 0.0,
+            trailing_silence=audio.trailing_silence if last else 0.0,
+        )
+        self._stream_spoken = True
+        await self._speak(sentences, self._stream_voice, audio, announce_empty=False)
+
+    async def _speak(
+        self, sentences: list[str], voice: str | None, audio: AudioOptions, announce_empty: bool
+    ) -> None:
         await self._room.acquire()
         context = self.context
         try:
             stream = context.service.submit(
-                sentences, context.sampling, context.chunk_size, voice=voice
+                sentences, context.sampling, context.chunk_size, voice=voice, audio=audio
             )
         except (SopranoError, ValueError) as error:
             self._room.release()
@@ -258,8 +283,8 @@ class SopranoEventHandler(AsyncEventHandler):
         if self._stream is not None:
             rest = await asyncio.to_thread(self._stream.finish)
             self._stream = None
-            if rest:
-                await self._speak(rest, self._stream_voice, announce_empty=False)
+            if rest or (self._stream_spoken and self.context.audio.trailing_silence):
+                await self._speak_streamed(rest, last=True)  # no rest: the silence alone
         self._replies.put_nowait(SynthesizeStopped().event())
 
     async def _write_replies(self) -> None:
@@ -283,27 +308,28 @@ class SopranoEventHandler(AsyncEventHandler):
     async def _play(self, speech: Speech) -> None:
         """One audio cycle, each chunk `samples_per_chunk` long except the last."""
         chunk_bytes = self.context.samples_per_chunk * SAMPLE_WIDTH
+        rate = speech.stream.sample_rate
         started = False
         if speech.announce_empty:
-            await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
+            await self.write_event(AudioStart(rate, SAMPLE_WIDTH, CHANNELS).event())
             started = True
         pending = bytearray()
         async for audio in speech.stream:
             if not started:
-                await self.write_event(AudioStart(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS).event())
+                await self.write_event(AudioStart(rate, SAMPLE_WIDTH, CHANNELS).event())
                 started = True
             pending += to_pcm16(audio)
             while len(pending) >= chunk_bytes:
-                await self._write_chunk(bytes(pending[:chunk_bytes]))
+                await self._write_chunk(bytes(pending[:chunk_bytes]), rate)
                 del pending[:chunk_bytes]
         self._unfinished.discard(speech.stream)
         if pending:
-            await self._write_chunk(bytes(pending))
+            await self._write_chunk(bytes(pending), rate)
         if started:
             await self.write_event(AudioStop().event())
 
-    async def _write_chunk(self, pcm: bytes) -> None:
-        await self.write_event(AudioChunk(SAMPLE_RATE, SAMPLE_WIDTH, CHANNELS, pcm).event())
+    async def _write_chunk(self, pcm: bytes, rate: int) -> None:
+        await self.write_event(AudioChunk(rate, SAMPLE_WIDTH, CHANNELS, pcm).event())
 
     async def _close(self, error: Error | None) -> None:
         """Stop this connection's synthesis, send `error` if any, and hang up."""

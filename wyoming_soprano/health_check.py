@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         problem = asyncio.run(asyncio.wait_for(check(args.uri), args.timeout))
-    except (OSError, asyncio.TimeoutError, ValueError) as error:
+    except (TimeoutError, OSError, ValueError) as error:
         problem = f"{type(error).__name__}: {error}"
     if problem is not None:
         print(f"unhealthy: {problem}", file=sys.stderr)

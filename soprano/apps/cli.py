@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,16 +20,19 @@ import numpy as np
 import torch
 
 from soprano.apps.options import (
+    add_audio_arguments,
     add_model_arguments,
     add_sampling_arguments,
     add_voice_arguments,
     at_least,
+    audio_options,
     configure_logging,
     load_tts,
     sampling_params,
     voice_catalog,
 )
 from soprano.audio import to_pcm16
+from soprano.audio.pauses import AudioOptions, AudioShaper
 from soprano.constants import SAMPLE_RATE
 from soprano.encoding import format_for_path, require_encoder, write_audio
 from soprano.errors import SopranoError
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-s",
         "--stream",
         action="store_true",
-        help=f"write raw 16-bit little-endian mono PCM at {SAMPLE_RATE} Hz to standard output "
+        help="write raw 16-bit little-endian mono PCM (at --sample-rate) to standard output "
         "while it is generated",
     )
     realtime.add_argument(
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_voice_arguments(parser)
     add_sampling_arguments(parser)
+    add_audio_arguments(parser, "of the output")
     return parser
 
 
@@ -115,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sampling = sampling_params(parser, args)
     voice = voice_catalog(parser, args).default_voice
+    audio = audio_options(parser, args)
     configure_logging(
         logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
     )
     try:
-        return _run(args, sampling, voice)
+        return _run(args, sampling, voice, audio)
     except (CliError, SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
@@ -127,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run(args: argparse.Namespace, sampling: SamplingParams, voice: Voice) -> int:
+def _run(
+    args: argparse.Namespace, sampling: SamplingParams, voice: Voice, audio: AudioOptions
+) -> int:
     """Speak with `voice` (the default of the voice options)."""
     text = _read_text(args)
     sentences = prepare_text(text)
@@ -139,11 +147,11 @@ def _run(args: argparse.Namespace, sampling: SamplingParams, voice: Voice) -> in
     if args.stream and sys.stdout.isatty():
         raise CliError(
             "--stream writes raw PCM; pipe it into a player, e.g. "
-            f"| aplay -r {SAMPLE_RATE} -f S16_LE -c 1"
+            f"| aplay -r {audio.sample_rate} -f S16_LE -c 1"
         )
     if args.retries and (args.stream or args.play):
         raise CliError("--retries works for file output only: streamed audio cannot be taken back")
-    player = _open_player() if args.play else None
+    player = _open_player(audio.sample_rate) if args.play else None
 
     tts = load_tts(args, voice.model)
     progress = Progress(len(sentences), sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
@@ -151,19 +159,19 @@ def _run(args: argparse.Namespace, sampling: SamplingParams, voice: Voice) -> in
     try:
         if args.stream or player is not None:
             sink = player.write if player is not None else _write_stdout
-            for chunk in _stream(tts, sentences, args.chunk_size, sampling, progress):
+            for chunk in _stream(tts, sentences, args.chunk_size, sampling, audio, progress):
                 if not sink(chunk):
                     break
                 if output is not None:
                     pieces.append(chunk)
         else:
-            pieces = list(_generate(tts, sentences, args.retries, sampling, progress))
+            pieces = list(_generate(tts, sentences, args.retries, sampling, audio, progress))
     finally:
         progress.close()
         if player is not None:
             player.close()
     if output is not None:
-        write_audio(output, torch.cat(pieces) if pieces else torch.zeros(0))
+        write_audio(output, torch.cat(pieces) if pieces else torch.zeros(0), audio.sample_rate)
     return 0
 
 
@@ -189,13 +197,22 @@ def _generate(
     sentences: list[str],
     retries: int,
     sampling: SamplingParams,
+    audio: AudioOptions,
     progress: Progress,
 ) -> Iterator[torch.Tensor]:
-    for batch in _batches(sentences):
-        for audio in tts.infer_batch(batch, retries=retries, sampling=sampling):
-            progress.add_audio(len(audio))
-            yield audio
+    """Each sentence's audio, through the effects, with the pauses between and after."""
+    shaper = AudioShaper(audio)
+    yield torch.from_numpy(shaper.start().audio)
+    for number, batch in enumerate(_batches(sentences)):
+        for index, sentence in enumerate(
+            tts.infer_batch(batch, retries=retries, sampling=sampling)
+        ):
+            progress.add_audio(len(sentence))
+            if number or index:
+                yield torch.from_numpy(shaper.sentence_end().audio)
+            yield torch.from_numpy(shaper.audio(sentence))
         progress.add_sentences(len(batch))
+    yield torch.from_numpy(shaper.end().audio)
 
 
 def _stream(
@@ -203,15 +220,24 @@ def _stream(
     sentences: list[str],
     chunk_size: int,
     sampling: SamplingParams,
+    audio: AudioOptions,
     progress: Progress,
 ) -> Iterator[torch.Tensor]:
-    """Chunks as they are generated; a batch's sentences are generated together (no gaps)."""
-    for batch in _batches(sentences):
+    """Chunks as they are generated; a batch's sentences are generated together (no gaps).
+    A batch after the first starts with the pause between sentences."""
+    batches = list(_batches(sentences))
+    for number, batch in enumerate(batches):
+        pauses = replace(
+            audio,
+            leading_silence=audio.sentence_silence if number else 0.0,
+            trailing_silence=audio.trailing_silence if number == len(batches) - 1 else 0.0,
+        )
         chunks = tts.infer_stream(
             " ".join(batch),
             chunk_size,
             max_chunk_size=max(chunk_size, DEFAULT_MAX_CHUNK_TOKENS),
             sampling=sampling,
+            audio=pauses,
         )
         try:
             for chunk in chunks:
@@ -250,13 +276,13 @@ class Player:
         self._stream.close()
 
 
-def _open_player() -> Player:
+def _open_player(sample_rate: int) -> Player:
     try:
         import sounddevice
     except (ImportError, OSError) as error:
         raise CliError(f"{PLAY_INSTALL_HINT}: {error}") from error
     try:
-        stream = sounddevice.OutputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32")
+        stream = sounddevice.OutputStream(samplerate=sample_rate, channels=1, dtype="float32")
     except Exception as error:  # PortAudio reports a missing card as its own error type
         raise CliError(f"cannot play: no usable sound output device ({error})") from error
     return Player(stream)

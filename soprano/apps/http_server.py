@@ -30,14 +30,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from soprano.apps.options import (
+    add_audio_arguments,
     add_model_arguments,
     add_serving_arguments,
     add_voice_arguments,
+    audio_options,
     configure_logging,
     serving_limits,
     voice_catalog,
     voice_loaders,
 )
+from soprano.audio.effects import AudioEffects
+from soprano.audio.pauses import AudioOptions
 from soprano.constants import (
     DEFAULT_REPETITION_PENALTY,
     DEFAULT_TEMPERATURE,
@@ -49,13 +53,20 @@ from soprano.constants import (
 from soprano.encoding import FORMATS, encode_audio, require_encoder, stream_encoder
 from soprano.errors import SopranoError
 from soprano.lm import SamplingParams
-from soprano.serving import ServerBusyError, SpeechService, SpeechStream, SynthesisError
+from soprano.serving import (
+    ServerBusyError,
+    SpeechService,
+    SpeechStream,
+    SynthesisError,
+)
 from soprano.text import prepare_text
 from soprano.tts import SopranoTTS
 
 PROG = "soprano-server"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+FORMAT_SAMPLE_RATES = {"pcm": 24_000}
+"""Rates of formats that OpenAI's clients play at a fixed rate: raw pcm has no header."""
 UNSUPPORTED_FORMATS = ("aac",)
 """Formats OpenAI offers that no encoder here writes."""
 OPENAI_VOICES = (
@@ -87,10 +98,26 @@ class SpeechRequest(BaseModel):
     instructions: str | None = Field(None, description="Not supported: must be empty.")
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = Field(
         "mp3",
-        description="pcm is raw 16-bit little-endian mono at 32 kHz; opus is Ogg Opus at 48 kHz. "
-        "aac is not supported.",
+        description="pcm is raw 16-bit little-endian mono, at 24 kHz as OpenAI's unless "
+        "sample_rate says otherwise; opus is Ogg Opus at 48 kHz. aac is not supported.",
     )
-    speed: float = Field(1.0, ge=0.25, le=4.0, description="Only 1.0 can be honoured.")
+    speed: float | None = Field(
+        None, description="0.25 to 4, pitch kept (default: the server's --speed, 1)."
+    )
+    volume: float | None = Field(
+        None, description="Soprano: loudness factor up to 10, peaks limited (default: 1)."
+    )
+    sample_rate: int | None = Field(
+        None,
+        description="Soprano: output rate in Hz, 8000 to 48000 (default: 24000 for pcm, as "
+        "OpenAI; else the server's --sample-rate, 32000 native).",
+    )
+    sentence_silence: float | None = Field(
+        None, description="Soprano: seconds of silence between sentences (default: 0)."
+    )
+    trailing_silence: float | None = Field(
+        None, description="Soprano: seconds of silence after the last sentence (default: 0)."
+    )
     stream_format: Literal["audio", "sse"] = Field(
         "audio", description="audio: the file's bytes; sse: speech.audio.delta/done events."
     )
@@ -115,6 +142,27 @@ class SpeechRequest(BaseModel):
     def sampling(self) -> SamplingParams:
         """Raises ValueError for values out of range."""
         return SamplingParams.of(self)
+
+    def audio(self, defaults: AudioOptions, sample_rate: int | None) -> AudioOptions:
+        """The request's effects and pauses, the server's where it sets none (`sample_rate`:
+        the server's --sample-rate, if given); raises ValueError for values out of range."""
+        rate = self.sample_rate or sample_rate
+        if rate is None:
+            rate = FORMAT_SAMPLE_RATES.get(self.response_format, SAMPLE_RATE)
+        effects = AudioEffects(
+            speed=_given(self.speed, defaults.effects.speed),
+            volume=_given(self.volume, defaults.effects.volume),
+            sample_rate=rate,
+        )
+        return AudioOptions(
+            effects,
+            sentence_silence=_given(self.sentence_silence, defaults.sentence_silence),
+            trailing_silence=_given(self.trailing_silence, defaults.trailing_silence),
+        )
+
+
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 class ApiError(Exception):
@@ -189,8 +237,16 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def create_app(service: SpeechService, model_name: str) -> FastAPI:
-    """The API around an already loaded engine and its serving layer."""
+def create_app(
+    service: SpeechService,
+    model_name: str,
+    audio: AudioOptions | None = None,
+    sample_rate: int | None = None,
+) -> FastAPI:
+    """The API around an already loaded engine and its serving layer. `audio` holds the
+    defaults of requests' effect fields, `sample_rate` the server's rate for every format
+    (None: 24 kHz for pcm, else 32 kHz)."""
+    audio = audio or AudioOptions()
     app = FastAPI(
         title="Soprano TTS",
         summary="OpenAI-compatible text-to-speech with streaming, on the Soprano model.",
@@ -291,15 +347,17 @@ def create_app(service: SpeechService, model_name: str) -> FastAPI:
                 request.chunk_size,
                 retries=request.retries,
                 voice=voice,
+                audio=request.audio(audio, sample_rate),
             )
         except ServerBusyError as error:
             raise ApiError(503, str(error)) from error
         except ValueError as error:
-            raise ApiError(400, str(error)) from error
+            raise ApiError(400, str(error), _field_named(str(error))) from error
         headers = {"Content-Disposition": f'attachment; filename="speech.{fmt.name}"'}
         if not streamed:
-            audio = [chunk async for chunk in _read(stream)]
-            data = encode_audio(torch.cat(audio) if audio else torch.zeros(0), fmt.name)
+            audio_pieces = [chunk async for chunk in _read(stream)]
+            whole = torch.cat(audio_pieces) if audio_pieces else torch.zeros(0)
+            data = encode_audio(whole, fmt.name, stream.sample_rate)
             return Response(data, media_type=fmt.media_type, headers=headers)
         if request.stream_format == "sse":
             usage = _usage(service.engines[voice], sentences)
@@ -329,13 +387,6 @@ def _check(request: SpeechRequest, max_input_chars: int) -> bool:
             f"response_format '{request.response_format}' is not supported; use {supported}",
             "response_format",
         )
-    if request.speed != 1.0:
-        raise ApiError(
-            400,
-            f"speed {request.speed} cannot be honoured: Soprano speaks at one rate; "
-            "send 1.0 or leave it out",
-            "speed",
-        )
     if request.instructions:
         raise ApiError(
             400,
@@ -354,6 +405,14 @@ def _check(request: SpeechRequest, max_input_chars: int) -> bool:
             "retries",
         )
     return streamed
+
+
+AUDIO_FIELDS = ("speed", "volume", "sample_rate", "sentence_silence", "trailing_silence")
+
+
+def _field_named(message: str) -> str | None:
+    """The request field an engine or effects error names (its message starts with it)."""
+    return next((name for name in AUDIO_FIELDS if message.startswith(f"{name} ")), None)
 
 
 def _voice(name: str | None, service: SpeechService) -> str:
@@ -383,7 +442,7 @@ async def _encoded(stream: SpeechStream, format_name: str) -> AsyncIterator[byte
     The body is produced only as fast as the client reads it, so a client that stops reading
     pauses its generation (the serving layer's backpressure), and one that hangs up ends it.
     """
-    encoder = stream_encoder(format_name)
+    encoder = stream_encoder(format_name, stream.sample_rate)
     try:
         async for chunk in stream:
             encoder.write(chunk)
@@ -411,7 +470,7 @@ async def _sse_events(
         if data:
             yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
     if stream.job is not None:
-        samples = stream.job.produced_samples
+        samples = stream.job.produced_samples - stream.job.silence_samples
     output_tokens = samples // TOKEN_SAMPLES
     usage = usage | {
         "output_tokens": output_tokens,
@@ -450,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     add_voice_arguments(parser)
+    add_audio_arguments(parser, "defaults of the request fields")
     add_serving_arguments(parser)
     return parser
 
@@ -459,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     limits = serving_limits(parser, args)
     catalog = voice_catalog(parser, args)
+    audio = audio_options(parser, args)
     configure_logging(getattr(logging, args.log_level.upper()))
     try:
         listener = _listen(args.host, args.port)
@@ -466,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SopranoError, ValueError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    app = create_app(service, args.model)
+    app = create_app(service, args.model, audio, args.sample_rate)
     host, port = listener.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
     print(f"{PROG}: serving {args.model} on http://{_url_host(host)}:{port}", file=sys.stderr)

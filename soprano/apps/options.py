@@ -10,12 +10,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from soprano.audio.effects import MAX_SPEED, MAX_VOLUME, MIN_SPEED, SAMPLE_RATES, AudioEffects
+from soprano.audio.pauses import AudioOptions
 from soprano.constants import (
     DEFAULT_MODEL,
     DEFAULT_REPETITION_PENALTY,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
     MAX_NEW_TOKENS,
+    SAMPLE_RATE,
 )
 from soprano.lm import BACKENDS, SamplingParams
 from soprano.lm.native import DTYPES
@@ -177,6 +180,54 @@ def serving_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     """The serving-limit options as ServingLimits; a bad value is a usage error (exit code 2)."""
     try:
         return ServingLimits(**{name: getattr(args, f"limit_{name}") for name in SERVING_FLAGS})
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def add_audio_arguments(parser: argparse.ArgumentParser, scope: str) -> None:
+    """Speed, volume, sample rate and pauses (AudioOptions), the same on every command; read
+    them with `audio_options`. `scope` says what they apply to."""
+    group = parser.add_argument_group("audio", f"Audio effects and pauses ({scope}).")
+    group.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help=f"speaking rate, pitch kept: {MIN_SPEED} to {MAX_SPEED} (default: 1)",
+    )
+    group.add_argument(
+        "--volume",
+        type=float,
+        default=1.0,
+        help=f"loudness factor, up to {MAX_VOLUME:g}; peaks are limited, never clipped "
+        "(default: 1)",
+    )
+    group.add_argument(
+        "--sample-rate",
+        type=int,
+        metavar="HZ",
+        help=f"output rate: {', '.join(map(str, SAMPLE_RATES))} (default: {SAMPLE_RATE})",
+    )
+    group.add_argument(
+        "--sentence-silence",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="silence between sentences (default: 0)",
+    )
+    group.add_argument(
+        "--trailing-silence",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="silence after the last sentence, for speakers that cut the end (default: 0)",
+    )
+
+
+def audio_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AudioOptions:
+    """The audio options as AudioOptions; a bad value is a usage error (exit code 2)."""
+    try:
+        effects = AudioEffects(args.speed, args.volume, args.sample_rate or SAMPLE_RATE)
+        return AudioOptions(effects, args.sentence_silence, args.trailing_silence)
     except ValueError as error:
         parser.error(str(error))
 

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -26,17 +27,20 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from soprano.apps.options import (
+    add_audio_arguments,
     add_model_arguments,
     add_sampling_arguments,
     add_serving_arguments,
     add_voice_arguments,
+    audio_options,
     configure_logging,
     sampling_params,
     serving_limits,
     voice_catalog,
     voice_loaders,
 )
-from soprano.constants import SAMPLE_RATE
+from soprano.audio.effects import MAX_SPEED, MIN_SPEED
+from soprano.audio.pauses import AudioOptions
 from soprano.encoding import FORMATS, require_encoder, stream_encoder
 from soprano.errors import SopranoError
 from soprano.lm import SamplingParams
@@ -66,12 +70,20 @@ EXAMPLES = [
 class SpeechJob:
     """One generation: its MP3 bytes, readable from the start while they grow, and its figures."""
 
-    def __init__(self, text: str, sampling: SamplingParams, chunk_size: int, voice: str) -> None:
+    def __init__(
+        self,
+        text: str,
+        sampling: SamplingParams,
+        chunk_size: int,
+        voice: str,
+        audio: AudioOptions,
+    ) -> None:
         self.id = uuid.uuid4().hex
         self.text = text
         self.sampling = sampling
         self.chunk_size = chunk_size
         self.voice = voice
+        self.audio = audio
         self.audio_seconds = 0.0
         self.generation_seconds = 0.0
         self.first_audio_seconds: float | None = None
@@ -100,10 +112,14 @@ class SpeechJob:
                 self._changed.notify_all()
 
     def _generate(self, service: SpeechService) -> None:
-        encoder = stream_encoder(STREAM_FORMAT.name)
+        encoder = stream_encoder(STREAM_FORMAT.name, self.audio.sample_rate)
         started = time.perf_counter()
         stream = service.submit(
-            prepare_text(self.text), self.sampling, self.chunk_size, voice=self.voice
+            prepare_text(self.text),
+            self.sampling,
+            self.chunk_size,
+            voice=self.voice,
+            audio=self.audio,
         )
         try:
             for chunk in stream:
@@ -117,7 +133,7 @@ class SpeechJob:
         finally:
             stream.cancel()
             self.generation_seconds = time.perf_counter() - started
-            self.audio_seconds = encoder.samples_written / SAMPLE_RATE
+            self.audio_seconds = encoder.samples_written / self.audio.sample_rate
 
     def _append(self, data: bytes) -> None:
         if data:
@@ -170,9 +186,15 @@ class SpeechJobs:
         self._lock = threading.Lock()
 
     def start(
-        self, text: str, sampling: SamplingParams, chunk_size: int, voice: str | None = None
+        self,
+        text: str,
+        sampling: SamplingParams,
+        chunk_size: int,
+        voice: str | None = None,
+        audio: AudioOptions | None = None,
     ) -> SpeechJob:
-        job = SpeechJob(text, sampling, chunk_size, voice or self.service.default_voice)
+        voice = voice or self.service.default_voice
+        job = SpeechJob(text, sampling, chunk_size, voice, audio or AudioOptions())
         with self._lock:
             self._jobs[job.id] = job
             while len(self._jobs) > JOBS_KEPT:
@@ -206,8 +228,15 @@ def player_html(job: SpeechJob) -> str:
     )
 
 
-def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: int) -> gr.Blocks:
-    """The page: text, sampling controls, examples, the streaming player and its figures."""
+def build_demo(
+    jobs: SpeechJobs,
+    defaults: argparse.Namespace,
+    max_input_chars: int,
+    default_audio: AudioOptions | None = None,
+) -> gr.Blocks:
+    """The page: text, voice, audio and sampling controls, examples, the streaming player and
+    its figures."""
+    default_audio = default_audio or AudioOptions()
 
     voices = jobs.service.voices
 
@@ -219,6 +248,9 @@ def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: 
         repetition_penalty: float,
         seed: float | None,
         chunk_size: float,
+        speed: float,
+        volume: float,
+        sentence_silence: float,
         previous_id: str | None,
     ) -> tuple[str, str, str]:
         if not text.strip():
@@ -241,9 +273,14 @@ def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: 
                 seed=None if seed is None else int(seed),
                 max_new_tokens=defaults.max_new_tokens,
             )
+            audio = replace(
+                default_audio,
+                effects=replace(default_audio.effects, speed=float(speed), volume=float(volume)),
+                sentence_silence=float(sentence_silence),
+            )
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        job = jobs.start(text, sampling, int(chunk_size), voice)
+        job = jobs.start(text, sampling, int(chunk_size), voice, audio)
         return player_html(job), job.id, "Generating…"
 
     def report(job_id: str) -> str:
@@ -291,13 +328,32 @@ def build_demo(jobs: SpeechJobs, defaults: argparse.Namespace, max_input_chars: 
             chunk_size = gr.Slider(
                 1, 10, value=1, step=1, label="Streaming chunk size (tokens; 1 starts soonest)"
             )
+        with gr.Accordion("Audio", open=False):
+            speed = gr.Slider(
+                MIN_SPEED,
+                MAX_SPEED,
+                value=default_audio.effects.speed,
+                step=0.05,
+                label="Speed (pitch kept)",
+            )
+            volume = gr.Slider(
+                0.1, 3, value=default_audio.effects.volume, step=0.05, label="Volume"
+            )
+            sentence_silence = gr.Slider(
+                0,
+                3,
+                value=default_audio.sentence_silence,
+                step=0.05,
+                label="Silence between sentences (seconds)",
+            )
         gr.Examples(EXAMPLES, inputs=[text])
         gr.Markdown(
             "Tips: write numbers and symbols as you want them read. "
             "Model: [Soprano](https://huggingface.co/ekwek/Soprano-1.1-80M)."
         )
 
-        inputs = [text, voice, temperature, top_p, repetition_penalty, seed, chunk_size, job_id]
+        inputs: list[gr.components.Component] = [text, voice, temperature, top_p]
+        inputs += [repetition_penalty, seed, chunk_size, speed, volume, sentence_silence, job_id]
         speak_button.click(speak, inputs, [player, job_id, status]).then(
             report, [job_id], [status], concurrency_limit=None
         )
@@ -322,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_voice_arguments(parser)
     add_sampling_arguments(parser)
+    add_audio_arguments(parser, "initial values of the page's controls")
     add_serving_arguments(parser)
     return parser
 
@@ -332,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling_params(parser, args)
     limits = serving_limits(parser, args)
     catalog = voice_catalog(parser, args)
+    audio = audio_options(parser, args)
     configure_logging(logging.INFO)
     try:
         require_encoder(STREAM_FORMAT.name)
@@ -340,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     jobs = SpeechJobs(service)
-    demo = build_demo(jobs, args, limits.max_input_chars)
+    demo = build_demo(jobs, args, limits.max_input_chars, audio)
     app_kwargs: dict[str, Any] = {"routes": [jobs.stream_route()]}
     demo.queue().launch(
         server_name=args.host,

@@ -13,9 +13,11 @@ samples however the stream is cut into chunks.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import libsonic
 import numpy as np
 import soxr
 
@@ -31,7 +33,7 @@ MAX_PAUSE_SECONDS = 60.0
 
 RESAMPLE_QUALITY = "HQ"
 """soxr's high quality: 20-bit precision, linear phase, flat to 91 % of the lower Nyquist
-frequency; 11 to 68 ms of added latency depending on the rate (docs/audio.md)."""
+frequency; 11 to 63 ms held back depending on the rate (docs/audio.md, resampling)."""
 
 STRETCH_BLOCK = TOKEN_SAMPLES // 8
 """Sonic is always given blocks of this many samples (8 ms), so its output does not depend on how
@@ -72,11 +74,13 @@ class AudioEffects:
                 f"volume must be above 0 and at most {MAX_VOLUME}, got {self.volume!r}"
             )
         rate = self.sample_rate
-        if isinstance(rate, bool) or not isinstance(rate, int) or rate not in SAMPLE_RATES:
+        integral = isinstance(rate, numbers.Integral) and not isinstance(rate, bool)
+        if not integral or rate not in SAMPLE_RATES:
             rates = ", ".join(map(str, SAMPLE_RATES))
             raise ValueError(f"sample_rate must be one of {rates} (Hz), got {rate!r}")
         object.__setattr__(self, "speed", speed)
         object.__setattr__(self, "volume", volume)
+        object.__setattr__(self, "sample_rate", int(rate))
 
     @property
     def identity(self) -> bool:
@@ -85,7 +89,7 @@ class AudioEffects:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)
 
@@ -103,12 +107,6 @@ class _TimeStretch:
     keeps the pitch and the voice (docs/audio.md has the comparison that chose it)."""
 
     def __init__(self, speed: float) -> None:
-        try:
-            import libsonic
-        except ImportError as error:
-            raise RuntimeError(
-                f"speed other than 1 needs the libsonic package (Python 3.11 or later): {error}"
-            ) from error
         self._sonic = libsonic.SonicStream(SAMPLE_RATE, 1)
         self._sonic.set_speed(speed)
         self._pending = _EMPTY

@@ -1,11 +1,12 @@
 """The native backend's compiled CPU kernels (soprano/cpu/csrc/qwen3_cpu.cpp).
 
-They are built on first use for the CPU at hand (-march=native) with PyTorch's extension builder,
-and cached (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions); later loads take a
-moment. Each build runs in a private folder that is renamed into place once it is complete, so a
-build killed halfway leaves nothing that a later start waits for (PyTorch's own `lock` file would
-make every later start hang). Where the kernels cannot be used (SOPRANO_KERNELS=off, a system
-other than Linux, no C++ compiler, a failed build) the native backend runs its PyTorch path.
+They are built on first use for the CPU at hand (-march=native, -mcpu=native on ARM, or the
+target that SOPRANO_KERNELS_MARCH names) with PyTorch's extension builder, and cached
+(TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions); later loads take a moment. Each
+build runs in a private folder that is renamed into place once it is complete, so a build killed
+halfway leaves nothing that a later start waits for (PyTorch's own `lock` file would make every
+later start hang). Where the kernels cannot be used (SOPRANO_KERNELS=off, a system other than
+Linux, no C++ compiler, a failed build) the native backend runs its PyTorch path.
 See README, "The compiled CPU kernels".
 """
 
@@ -32,10 +33,25 @@ _LOGGER = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "qwen3_cpu.cpp"
 SWITCH = "SOPRANO_KERNELS"
 """Environment variable: "off" (or 0, false, no) runs the PyTorch path without trying a build."""
+MARCH = "SOPRANO_KERNELS_MARCH"
+"""Environment variable: a -march target (e.g. haswell, x86-64-v3, armv8.2-a) that replaces
+-march=native, to build for other CPUs than this one or to measure an older instruction set."""
+_MARCH_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+FLAGS_ATTRIBUTE = "COMPILE_FLAGS"
+"""The loaded module's attribute that records the flags it was compiled with."""
 
+
+def native_flag(machine: str) -> str:
+    """The flag that builds for this CPU. On ARM that is -mcpu=native, which GCC and clang both
+    take there (clang before 15, such as Debian 12's, rejects -march=native on ARM) and which also
+    tunes for the core."""
+    return "-mcpu=native" if machine.lower().startswith(("aarch64", "arm")) else "-march=native"
+
+
+NATIVE_FLAG = native_flag(platform.machine())
 COMPILE_FLAGS = {
-    "gcc": ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
-    "clang": ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+    "gcc": ["-O3", NATIVE_FLAG, "-ffp-contract=fast", "-fopenmp"],
+    "clang": ["-O3", NATIVE_FLAG, "-ffp-contract=fast", "-fopenmp"],
 }
 """-ffp-contract=fast lets the compiler fuse multiply-adds (C++17 mode turns that off in GCC;
 clang's default fuses only within one expression); -fopenmp makes at::parallel_for run threads."""
@@ -62,12 +78,16 @@ def cpu_kernels() -> ModuleType | None:
     try:
         version = _compiler()
         family = compiler_family(version)
-        return load_extension(
-            f"soprano_qwen3_cpu_{_build_tag(version, family)}",
+        flags = compile_flags(family)
+        module = load_extension(
+            f"soprano_qwen3_cpu_{_build_tag(version, flags, family)}",
             SOURCE,
-            COMPILE_FLAGS[family],
+            flags,
             LINK_FLAGS[family],
         )
+        setattr(module, FLAGS_ATTRIBUTE, " ".join(flags))
+        _LOGGER.debug("Native CPU kernels loaded: %s", describe(build_info(module)))
+        return module
     except Exception as error:  # a missing compiler, a failed build or import, and more
         _LOGGER.warning(
             "Could not build the native CPU kernels, using the slower PyTorch path: %s",
@@ -192,6 +212,34 @@ def _compiler() -> str:
     return result.stdout.strip().splitlines()[0] if result.stdout.strip() else command
 
 
+def compile_flags(family: str) -> list[str]:
+    """The compiler flags for `family`, with the target SOPRANO_KERNELS_MARCH names, if any."""
+    march = os.environ.get(MARCH, "").strip()
+    if not march:
+        return list(COMPILE_FLAGS[family])
+    if not _MARCH_VALUE.fullmatch(march):
+        raise BuildError(f"{MARCH}={march!r} is not a -march target (such as haswell)")
+    return [f"-march={march}" if flag == NATIVE_FLAG else flag for flag in COMPILE_FLAGS[family]]
+
+
+def build_info(module: ModuleType) -> dict[str, object]:
+    """What a loaded build targets (from its compiler's predefined macros), how it was compiled
+    and how many threads it runs: for benchmarks and bug reports."""
+    info: dict[str, object] = dict(module.build_info())
+    info["flags"] = getattr(module, FLAGS_ATTRIBUTE, "unknown")
+    info["threads"] = torch.get_num_threads()
+    return info
+
+
+def describe(info: dict[str, object]) -> str:
+    """build_info in one line: 'AVX-512 (AVX2 FMA ...), gcc 12.2.0, -O3 ..., 2 threads'."""
+    features = info.get("features")
+    listed = " ".join(features) if isinstance(features, list) else ""
+    return (
+        f"{info['isa']} ({listed}), {info['compiler']}, {info['flags']}, {info['threads']} threads"
+    )
+
+
 def compiler_family(version: str) -> str:
     """'clang' or 'gcc' (the default: GCC-compatible flags), from the compiler's --version."""
     return "clang" if "clang" in version.lower() else "gcc"
@@ -204,16 +252,18 @@ def main() -> int:
     if kernels is None:
         return 1
     _LOGGER.info("Native CPU kernels ready: %s", kernels.__file__)
+    _LOGGER.info("Built for %s", describe(build_info(kernels)))
     return 0
 
 
-def _build_tag(compiler: str, family: str) -> str:
-    """Names the build after everything it depends on: the source, the compiler and its flags,
-    this CPU's features (-march=native), this Python and this PyTorch (their ABIs), so that
-    neither a copied cache, an upgrade nor an edit loads a stale build."""
+def _build_tag(compiler: str, flags: list[str], family: str) -> str:
+    """Names the build after everything it depends on: the source, the compiler and its flags
+    (the target among them), this CPU's features (which NATIVE_FLAG builds for), this Python and
+    this PyTorch (their ABIs), so that neither a copied cache, an upgrade nor an edit loads a
+    stale build."""
     features = (
         f"{platform.machine()} python {sys.version_info[:2]} torch {torch.__version__} "
-        f"{compiler} {COMPILE_FLAGS[family]} {LINK_FLAGS[family]} "
+        f"{compiler} {flags} {LINK_FLAGS[family]} "
     )
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:

@@ -1,27 +1,28 @@
 """How the native backend stores its weight matrices and multiplies by them.
 
 At one to a few sequences a decode step is a matrix-vector product per weight matrix, so its speed
-is the speed of streaming the weights from memory. Four storages:
+is the speed of streaming the weights from memory. The storages:
 
 - `PanelLinear` (the exact default on CPUs where the native kernels build): the checkpoint's bf16
   weights as they are, in panels for our own GEMM (soprano/cpu/csrc), which widens them to fp32
   (exactly) and multiplies and sums in fp32. Half the memory traffic of fp32 weights, and the
   storage the compiled forward reads. With bf16 products (lossy) it also rounds x to bf16. The
-  decoder's fp32 weights use it too, as fp32 panels.
+  decoder's fp32 weights use it too, as fp32 panels. With int8 storage (lossy, weight-only) each
+  weight row is rounded to int8 times one fp32 scale (`quantize_int8`): a quarter of the bytes of
+  fp32 and half of bf16, multiplied and summed in fp32, the scale applied once per output.
 - `HalfStoredLinear` (the exact fallback on x86 CPUs): the checkpoint's weights are bf16, so each
   row, scaled by a power of two, fits fp16 exactly. FBGEMM's fp16 GEMM multiplies fp32
   activations by those weights with fp32 products and sums, then we undo the scale (exact for a
   power of two). The result is fp32 arithmetic on the checkpoint's values, at half the memory
   traffic of fp32 weights. A matrix that does not fit fp16 exactly keeps fp32 storage.
-- `DynamicInt8Linear` (lossy option): int8 weights per output channel, activations quantised
-  per call (FBGEMM), at a measured accuracy cost (README, "Performance").
-- plain `nn.Linear` in fp32 or bf16 (bf16 is the lossy option for GPUs).
+  The int8 fallback holds the int8 weights the same way (integers up to 127 are exact in fp16)
+  with their scales: the kernels' arithmetic, up to the order of the sums.
+- plain `nn.Linear` in fp32 or bf16 (bf16 is the lossy option for GPUs), or with the int8
+  weights dequantised to fp32 (`dequantized_int8`).
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
@@ -30,6 +31,25 @@ from torch import Tensor, nn
 
 HALF_MAX_EXPONENT = 14
 """Rows are scaled so that their largest magnitude lies in [2^14, 2^15), inside fp16's range."""
+INT8_LIMIT = 127
+"""int8 weights lie in [-127, 127]: symmetric about 0, so a row and its negation round alike."""
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output channel: row i is about q[i] · scales[i] (fp32), within half a
+    scale. A row's scale is its largest magnitude / 127, so nothing is clipped; a row of zeros
+    gets scale 1 (and zeros)."""
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1) / INT8_LIMIT
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    quantized = torch.round(weight / scales[:, None]).clamp(-INT8_LIMIT, INT8_LIMIT)
+    return quantized.to(torch.int8), scales
+
+
+def dequantized_int8(weight: Tensor) -> Tensor:
+    """The fp32 values that int8 storage gives `weight`."""
+    quantized, scales = quantize_int8(weight)
+    return quantized.float() * scales[:, None]
 
 
 def fbgemm_available() -> bool:
@@ -39,8 +59,9 @@ def fbgemm_available() -> bool:
 
 class PanelLinear(nn.Module):
     """y = x · Wᵀ + b by the native CPU kernels, W held in panels of bf16 (the LM's weights,
-    exactly) or float32. Products are fp32, or with `bf16_products` (lossy, CPUs with
-    AVX512-BF16) x is rounded to bf16 for twice the throughput."""
+    exactly), float32, or int8 with a scale per output (lossy). Products are fp32, or with
+    `bf16_products` (lossy, CPUs with AVX512-BF16) x is rounded to bf16 for twice the
+    throughput."""
 
     def __init__(
         self, panels: Tensor, bias: Tensor | None, out_features: int, kernels: ModuleType
@@ -77,14 +98,20 @@ class PanelLinear(nn.Module):
     ) -> list[PanelLinear]:
         """The layers (each must fit) in one buffer, on huge pages where the OS offers them.
 
-        Weights are padded with zero rows to whole panels; `forward` drops those columns.
+        Weights are padded with zero rows to whole panels; `forward` drops those columns. int8
+        panels also hold their rows' scales, in INT8_SCALE_ROWS extra rows of bytes.
         """
         weights = [_pad_rows(layer.weight.detach(), kernels.PANEL_WIDTH) for layer in layers]
-        buffer = kernels.empty_panels(sum(weight.numel() for weight in weights), storage)
+        extra = kernels.INT8_SCALE_ROWS if storage == torch.int8 else 0
+        sizes = [len(weight) * (weight.shape[1] + extra) for weight in weights]
+        buffer = kernels.empty_panels(sum(sizes), storage)
         packed, offset = [], 0
-        for layer, weight in zip(layers, weights, strict=True):
-            size = weight.numel()
-            panels = kernels.pack(weight.to(storage), buffer[offset : offset + size], bf16_products)
+        for layer, weight, size in zip(layers, weights, sizes, strict=True):
+            out = buffer[offset : offset + size]
+            if storage == torch.int8:
+                panels = kernels.pack_int8(*quantize_int8(weight), out)
+            else:
+                panels = kernels.pack(weight.to(storage), out, bf16_products)
             bias = None if layer.bias is None else layer.bias.detach().float()
             packed.append(cls(panels, bias, layer.out_features, kernels))
             offset += size
@@ -143,12 +170,13 @@ def use_panels(
 
 
 class HalfStoredLinear(nn.Module):
-    """y = x · Wᵀ in fp32 arithmetic, with W held as exactly-representable fp16 (FBGEMM)."""
+    """y = x · Wᵀ in fp32 arithmetic, with W held as exactly-representable fp16 (FBGEMM) and a
+    factor per output (`output_scale`) applied after the sums."""
 
-    def __init__(self, packed: object, inverse_scale: Tensor | None) -> None:
+    def __init__(self, packed: object, output_scale: Tensor | None) -> None:
         super().__init__()
         self.packed = packed
-        self.inverse_scale = inverse_scale
+        self.output_scale = output_scale
 
     @classmethod
     def from_weight(cls, weight: Tensor) -> HalfStoredLinear | None:
@@ -164,56 +192,40 @@ class HalfStoredLinear(nn.Module):
             return None
         return cls(packed, None if bool((scale == 1).all()) else 1.0 / scale)
 
+    @classmethod
+    def from_int8(cls, weight: Tensor) -> HalfStoredLinear:
+        """`weight` rounded to int8 (`quantize_int8`), held as fp16 (exact for integers up to
+        127) with its scales: fp32 sums of x times the int8 weights, scaled once per output,
+        as the kernels' int8 panels compute."""
+        quantized, scales = quantize_int8(weight)
+        return cls(torch.ops.quantized.linear_prepack_fp16(quantized.float(), None), scales)
+
     def scaled(self, x: Tensor) -> Tensor:
-        """x · Wᵀ times the rows' scales (exact powers of two); `forward` undoes them."""
+        """x · Wᵀ before the factor per output; `forward` applies it."""
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.scaled(x)
-        return y if self.inverse_scale is None else y * self.inverse_scale
+        return y if self.output_scale is None else y * self.output_scale
 
 
 def add_projection(residual: Tensor, layer: nn.Module, x: Tensor) -> Tensor:
-    """residual + layer(x); for fp16-stored rows the unscaling rides on the add (one kernel).
-
-    Multiplying by a power of two is exact, so addcmul gives the same bits as mul-then-add.
-    """
-    if isinstance(layer, HalfStoredLinear) and layer.inverse_scale is not None:
-        return torch.addcmul(residual, layer.scaled(x), layer.inverse_scale)
+    """residual + layer(x); for fp16-stored rows the factor per output rides on the add (one
+    kernel). For the exact rows it is a power of two, so addcmul gives the same bits as
+    mul-then-add."""
+    if isinstance(layer, HalfStoredLinear) and layer.output_scale is not None:
+        return torch.addcmul(residual, layer.scaled(x), layer.output_scale)
     return residual + layer(x)
 
 
-@functools.cache
-def has_vnni() -> bool:
-    """Whether the CPU sums u8×s8 products in 32 bits (VNNI); without it FBGEMM's 16-bit pair
-    sums can saturate unless activations keep to 7 bits."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-class DynamicInt8Linear(nn.Module):
-    """int8 weights (symmetric, per output channel) × activations quantised on the fly."""
-
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        self.reduce_range = not has_vnni()
-        weight = weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        with warnings.catch_warnings():
-            # PyTorch marks quantized tensors as deprecated; FBGEMM's int8 GEMM still needs one
-            # to pack its weights, and the packed form is all we keep.
-            warnings.simplefilter("ignore")
-            quantized = torch.quantize_per_channel(
-                weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8
-            )
-            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+def round_to_int8(module: nn.Module) -> int:
+    """Replace the weights of the nn.Linears below `module` by their int8 values, dequantised
+    (`dequantized_int8`): the int8 arithmetic for paths without int8 storage. Returns how many."""
+    linears = linears_below(module)
+    with torch.no_grad():
+        for _, _, layer in linears:
+            layer.weight.copy_(dequantized_int8(layer.weight))
+    return len(linears)
 
 
 def replace_linears(

@@ -19,12 +19,11 @@ from soprano.checkpoint import Checkpoint
 from soprano.constants import STOP_ID
 from soprano.cpu.kernels import cpu_kernels
 from soprano.cpu.linear import (
-    DynamicInt8Linear,
     HalfStoredLinear,
     fbgemm_available,
     replace_linears,
+    round_to_int8,
 )
-from soprano.errors import BackendUnavailableError
 from soprano.lm.base import LanguageModel, SamplingParams, SequenceBatch, Step
 from soprano.lm.qwen3 import Qwen3, SequenceCache
 from soprano.lm.sampling import TokenSampler
@@ -39,8 +38,10 @@ class NativeLM(LanguageModel):
     """Options (defaults measured by script/benchmark, see README "Performance"):
 
     - dtype: 'float32' (exact: the arithmetic of the transformers backend in fp32), 'bfloat16'
-      or 'int8' (dynamic int8 quantisation, CPU only); the last two trade accuracy for speed.
-      On CPUs with AVX512-BF16 the kernels run 'bfloat16' as bf16 products summed in fp32.
+      or 'int8' (weight-only int8, a scale per output channel, fp32 arithmetic); the last two
+      trade accuracy for speed. On CPUs with AVX512-BF16 the kernels run 'bfloat16' as bf16
+      products summed in fp32. Without the kernels 'int8' runs the same arithmetic (to
+      rounding) on the int8 weights, no faster than the exact path.
     - kernels: on CPUs, run the forward in the compiled kernels of soprano/cpu/csrc (built on
       first use; same results as without).
     - half_weights: where the kernels are off or cannot be built, on x86 CPUs, hold float32
@@ -65,8 +66,6 @@ class NativeLM(LanguageModel):
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if dtype == "int8" and (device.type != "cpu" or not fbgemm_available()):
-            raise BackendUnavailableError("dtype 'int8' needs an x86 CPU (FBGEMM)")
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -75,14 +74,17 @@ class NativeLM(LanguageModel):
             note_unset_wait_policy()
         config = checkpoint.config
         model = Qwen3.from_hf_state(config, checkpoint.load_lm_state())
-        if dtype == "int8":
-            replace_linears(model, DynamicInt8Linear)
-        elif dtype == "bfloat16":
-            if not (device.type == "cpu" and self._use_kernels(model, kernels, bf16_products=True)):
+        cpu = device.type == "cpu"
+        if dtype == "bfloat16":
+            if not (cpu and self._use_kernels(model, kernels, bf16_products=True)):
                 model = model.to(torch.bfloat16)
-        elif device.type == "cpu":
-            compiled = self._use_kernels(model, kernels)
-            if not compiled and half_weights and fbgemm_available():
+        elif not (cpu and self._use_kernels(model, kernels, int8=dtype == "int8")):
+            half = cpu and half_weights and fbgemm_available()
+            if dtype == "int8" and half:
+                replace_linears(model, HalfStoredLinear.from_int8)
+            elif dtype == "int8":
+                round_to_int8(model)
+            elif half:
                 replace_linears(model, HalfStoredLinear.from_weight)
         _LOGGER.debug("Native LM forward: %s", "compiled" if model.compiled else "PyTorch")
         self.model = model.to(device)
@@ -92,12 +94,14 @@ class NativeLM(LanguageModel):
         self.vocab_size = config.vocab_size
 
     @staticmethod
-    def _use_kernels(model: Qwen3, kernels: bool, bf16_products: bool = False) -> bool:
+    def _use_kernels(
+        model: Qwen3, kernels: bool, bf16_products: bool = False, int8: bool = False
+    ) -> bool:
         if not kernels or (built := cpu_kernels()) is None:
             return False
         if bf16_products and not built.BF16_PRODUCTS:
             return False
-        return model.use_cpu_kernels(built, bf16_products)
+        return model.use_cpu_kernels(built, bf16_products, int8)
 
     def open_batch(self) -> NativeBatch:
         return NativeBatch(self)

@@ -321,16 +321,22 @@ class Qwen3(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
-    def use_cpu_kernels(self, kernels: ModuleType, bf16_products: bool = False) -> bool:
+    def use_cpu_kernels(
+        self, kernels: ModuleType, bf16_products: bool = False, int8: bool = False
+    ) -> bool:
         """Hold the weights as bf16 panels and run the forward in the compiled kernels.
 
-        Exact (fp32 products) unless `bf16_products`. Only where the weights are bf16 values in a
-        float32 model and the shapes suit the kernels; returns whether it was done.
+        Exact (fp32 products) unless `bf16_products`, or `int8` (lossy: every projection and the
+        LM head on int8 panels, fp32 products; docs/kernels.md). Only where the weights are bf16
+        values in a float32 model (any values, with `int8`) and the shapes suit the kernels;
+        returns whether it was done.
         """
         config = self.config
         if self.norm.dtype != torch.float32 or config.head_dim % kernels.VECTOR_WIDTH:
             return False
-        if not use_panels(self, kernels, torch.bfloat16, bf16_products, all_or_none=True):
+        if int8:
+            use_panels(self, kernels, torch.int8, rounded=True)
+        elif not use_panels(self, kernels, torch.bfloat16, bf16_products, all_or_none=True):
             return False
         self.compiled = kernels.Qwen3Forward(
             config.num_attention_heads,

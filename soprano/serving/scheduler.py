@@ -47,8 +47,16 @@ step's worth of audio at most, and the first requests of a burst start speaking 
 JobEnd = None
 """Delivered after a job's last chunk."""
 
-Delivery = Callable[[torch.Tensor | BaseException | None], None]
-"""Receives a job's audio chunks in order, then None, or the exception that ended it."""
+
+class SentenceEnd:
+    """Delivered between the audio of two sentences of a job (where a pause may go)."""
+
+
+SENTENCE_END = SentenceEnd()
+
+Delivery = Callable[[torch.Tensor | SentenceEnd | BaseException | None], None]
+"""Receives a job's audio chunks in order, with SENTENCE_END between sentences, then None, or
+the exception that ended it."""
 
 
 @dataclass
@@ -65,6 +73,8 @@ class _Sentence:
     """Hidden states, kept only where retries must inspect the sentence."""
     attempts: int = 0
     done: bool = False
+    released: bool = False
+    """All its audio is delivered."""
 
 
 class Job:
@@ -85,6 +95,8 @@ class Job:
         self._deliver = deliver
         self.served_tokens = 0
         self.produced_samples = 0
+        self.silence_samples = 0
+        """Pauses added by the serving layer, counted in produced_samples for backpressure."""
         self.consumed_samples = 0
         """Written by the consumer's thread only (see `SpeechService`)."""
         self.cancelled = False
@@ -96,7 +108,7 @@ class Job:
     def buffered_samples(self) -> int:
         return self.produced_samples - self.consumed_samples
 
-    def _send(self, item: torch.Tensor | BaseException | None) -> None:
+    def _send(self, item: torch.Tensor | SentenceEnd | BaseException | None) -> None:
         if isinstance(item, torch.Tensor):
             self.produced_samples += len(item)
         self._deliver(item)
@@ -285,6 +297,8 @@ class Scheduler:
     def _release(self, job: Job) -> None:
         """Deliver the audio of the job's sentences in order; end the job after the last."""
         for sentence in job.sentences:
+            if sentence.released:
+                continue
             if job.retries and not sentence.done:
                 return
             for chunk in sentence.held:
@@ -292,6 +306,9 @@ class Scheduler:
             sentence.held.clear()
             if not sentence.done:
                 return
+            sentence.released = True
+            if sentence is not job.sentences[-1]:
+                job._send(SENTENCE_END)
         self._drop(job, JobEnd)
 
     def _drop(self, job: Job, end: BaseException | None) -> None:

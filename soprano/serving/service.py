@@ -18,13 +18,15 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from soprano.audio.pauses import AudioOptions, AudioShaper, Pause
 from soprano.constants import SAMPLE_RATE
 from soprano.decoder import ChunkSchedule
 from soprano.errors import SopranoError
 from soprano.lm import SamplingParams
-from soprano.serving.scheduler import Job, Scheduler
+from soprano.serving.scheduler import Job, Scheduler, SentenceEnd
 
 if TYPE_CHECKING:
     from soprano.tts import SopranoTTS
@@ -75,18 +77,27 @@ class SynthesisError(SopranoError):
         self.code = type(error).__name__
 
 
+Prompts = list[tuple[str, list[int]]]
+"""A request's sentences with their prompts' token ids."""
+
+Delivered = tuple[torch.Tensor, int] | BaseException | None
+"""What a stream holds: audio with the engine samples it stands for (backpressure counts
+those), the error that ended it, or its end."""
+
+
 class SpeechStream:
-    """The audio of one request: float32 chunks at 32 kHz, in order, read once.
+    """The audio of one request: float32 chunks at `sample_rate`, in order, read once.
 
     Iterate it (blocking) or `async for` it; either ends when the audio does and raises
     SynthesisError if generation failed. Stopping early (break, an exception, `cancel`) stops
     the generation.
     """
 
-    def __init__(self, service: SpeechService) -> None:
+    def __init__(self, service: SpeechService, sample_rate: int = SAMPLE_RATE) -> None:
         self._service = service
+        self.sample_rate = sample_rate
         self.job: Job | None = None
-        self._items: deque[torch.Tensor | BaseException | None] = deque()
+        self._items: deque[Delivered] = deque()
         self._lock = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
@@ -111,7 +122,8 @@ class SpeechStream:
                     item = self._items.popleft()
                 if (chunk := self._taken(item)) is None:
                     return
-                yield chunk
+                if len(chunk):
+                    yield chunk
         finally:
             self.cancel()
 
@@ -134,14 +146,15 @@ class SpeechStream:
                     continue
                 if (chunk := self._taken(item)) is None:
                     return
-                yield chunk
+                if len(chunk):
+                    yield chunk
         finally:
             self.cancel()
 
     def __aiter__(self) -> AsyncIterator[torch.Tensor]:
         return self.chunks()
 
-    def _taken(self, item: torch.Tensor | BaseException | None) -> torch.Tensor | None:
+    def _taken(self, item: Delivered) -> torch.Tensor | None:
         """Account for a consumed item; None at the end."""
         if item is None:
             self._ended = True
@@ -149,13 +162,14 @@ class SpeechStream:
         if isinstance(item, BaseException):
             self._ended = True
             raise SynthesisError(item)
+        audio, samples = item
         job = self.job
-        if job is not None:
-            job.consumed_samples += len(item)
-            self._service._consumed(job, len(item))
-        return item
+        if job is not None and samples:
+            job.consumed_samples += samples
+            self._service._consumed(job, samples)
+        return audio
 
-    def _deliver(self, item: torch.Tensor | BaseException | None) -> None:
+    def _deliver(self, item: Delivered) -> None:
         """Engine thread: hand over an item."""
         with self._lock:
             self._items.append(item)
@@ -199,8 +213,7 @@ class SpeechService:
             raise ValueError(f"default voice {self.default_voice!r} is not one of the voices")
         self.limits = limits or ServingLimits()
         self._max_buffered_samples = int(self.limits.max_buffered_seconds * SAMPLE_RATE)
-        self._inbox: list[tuple[SpeechStream, str, list[tuple[str, list[int]]], dict[str, Any]]]
-        self._inbox = []
+        self._inbox: list[tuple[SpeechStream, str, Prompts, AudioOptions, dict[str, Any]]] = []
         self._wake = threading.Condition()
         self._closed = False
         self._requests = 0
@@ -252,9 +265,10 @@ class SpeechService:
         max_chunk_size: int | None = DEFAULT_MAX_CHUNK_TOKENS,
         retries: int = 0,
         voice: str | None = None,
+        audio: AudioOptions | None = None,
     ) -> SpeechStream:
         """Queue the sentences (from `soprano.text.prepare_text`) as one request, spoken by
-        `voice` (default: the default voice).
+        `voice` (default: the default voice), its audio shaped by `audio`.
 
         The first chunk holds `chunk_size` tokens, later ones grow to `max_chunk_size` (None:
         all `chunk_size`). Raises ValueError for parameters beyond the limits or an unknown
@@ -275,7 +289,8 @@ class SpeechService:
         schedule = ChunkSchedule(chunk_size, largest)
         tokenizer = self.engines[voice].tokenizer
         prompts = [(text, tokenizer.encode(text)) for text in sentences]
-        stream = SpeechStream(self)
+        audio = audio or AudioOptions()
+        stream = SpeechStream(self, audio.sample_rate)
         options = {"params": sampling, "schedule": schedule, "retries": retries}
         with self._wake:
             if self._closed:
@@ -285,7 +300,7 @@ class SpeechService:
                     f"the server is busy with {self._requests} requests; try again shortly"
                 )
             self._requests += 1
-            self._inbox.append((stream, voice, prompts, options))
+            self._inbox.append((stream, voice, prompts, audio, options))
             self._wake.notify()
         return stream
 
@@ -315,8 +330,8 @@ class SpeechService:
                 if self._closed:
                     break
                 inbox, self._inbox = self._inbox, []
-            for stream, voice, prompts, options in inbox:
-                self._start(stream, schedulers[voice], prompts, options)
+            for stream, voice, prompts, audio, options in inbox:
+                self._start(stream, schedulers[voice], prompts, audio, options)
             for scheduler in schedulers.values():
                 if scheduler.runnable:
                     scheduler.step()
@@ -331,13 +346,40 @@ class SpeechService:
         self,
         stream: SpeechStream,
         scheduler: Scheduler,
-        prompts: list[tuple[str, list[int]]],
+        prompts: Prompts,
+        audio: AudioOptions,
         options: dict[str, Any],
     ) -> None:
-        def deliver(item: torch.Tensor | BaseException | None) -> None:
-            if item is None or isinstance(item, BaseException):
+        """Submit the job; its audio goes through `audio`'s effects here, on the engine thread,
+        between steps (on a thread of its own, that work would take cores from the kernels'
+        thread team in the middle of a step)."""
+        shaper = None if audio.identity else AudioShaper(audio)
+
+        def pause(silence: Pause) -> None:
+            """Deliver a pause; its silence counts as audio the consumer has yet to take
+            (backpressure), as if the engine had made it."""
+            samples = round(silence.seconds * SAMPLE_RATE)
+            job = stream.job
+            if job is not None:
+                job.produced_samples += samples
+                job.silence_samples += samples
+            stream._deliver((_tensor(silence.audio), samples if job is not None else 0))
+
+        def deliver(item: torch.Tensor | SentenceEnd | BaseException | None) -> None:
+            if isinstance(item, torch.Tensor):
+                audio = item if shaper is None else _tensor(shaper.audio(item))
+                stream._deliver((audio, len(item)))
+            elif isinstance(item, SentenceEnd):
+                if shaper is not None:
+                    pause(shaper.sentence_end())
+            else:
+                if item is None and shaper is not None and not stream.cancelled:
+                    pause(shaper.end())
                 self._finished()
-            stream._deliver(item)
+                stream._deliver(item)
+
+        if shaper is not None:
+            pause(shaper.start())
 
         stream.job = scheduler.submit(prompts, deliver=deliver, **options)
         if stream.cancelled:  # while it waited in the inbox
@@ -346,3 +388,7 @@ class SpeechService:
     def _finished(self) -> None:
         with self._wake:
             self._requests -= 1
+
+
+def _tensor(audio: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))

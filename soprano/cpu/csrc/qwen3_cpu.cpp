@@ -1,5 +1,5 @@
-// CPU kernels of the native backend: a bf16-weight GEMM with fp32 arithmetic, and Qwen3's whole
-// forward pass (a decode step, or a prompt) in one call.
+// CPU kernels of the native backend: a bf16-weight GEMM with fp32 arithmetic (and its int8-weight
+// variant), and Qwen3's whole forward pass (a decode step, or a prompt) in one call.
 //
 // Why: at one to a few rows a decode step streams every weight once, so its floor is memory
 // bandwidth; from Python it also pays ~600 small kernel launches. Here the weights stay in the
@@ -7,7 +7,8 @@
 // the checkpoint's values) and everything between two matrix products runs in plain loops.
 //
 // Written with GCC/Clang vector extensions, so the compiler picks AVX-512, AVX2 or NEON for the
-// machine it is built on (soprano/cpu/kernels.py compiles this file with -march=native).
+// machine it is built on (soprano/cpu/kernels.py compiles this file with -march=native, or
+// -mcpu=native on ARM).
 
 #include <torch/extension.h>
 
@@ -21,7 +22,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -32,7 +35,7 @@
 #include <unistd.h>
 #endif
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -42,6 +45,12 @@ namespace {
 // the accumulators (rows x 2 vectors) in registers (32 with AVX-512, 16 with AVX2).
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
+constexpr int kMaxPanelRows = 8;
+#elif defined(__aarch64__)
+// NEON's registers hold 4 floats: GCC keeps wider vector types in memory there (a load and a
+// store around every multiply-add). Its 32 registers would take 14 rows (28 accumulators, the
+// panel row and a broadcast); the panel products stop at 8.
+constexpr int kLanes = 4;
 constexpr int kMaxPanelRows = 8;
 #else
 constexpr int kLanes = 8;
@@ -74,6 +83,28 @@ inline void load_panel_row(const uint16_t* p, Vec& low, Vec& high) {
 inline void load_panel_row(const float* p, Vec& low, Vec& high) {
   low = load(p);
   high = load(p + kLanes);
+}
+
+// Panels of int8 (the lossy dtype 'int8') hold a row's columns in order, one byte each, so each
+// half widens (sign-extend, convert) to one vector of fp32. GCC 12 turns the generic conversion
+// into scalar code, hence the x86 instructions by name.
+typedef int8_t ByteVec __attribute__((vector_size(kLanes)));
+
+inline Vec widen(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (Vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return (Vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  ByteVec bytes;
+  std::memcpy(&bytes, p, sizeof bytes);
+  return __builtin_convertvector(bytes, Vec);
+#endif
+}
+
+inline void load_panel_row(const int8_t* p, Vec& low, Vec& high) {
+  low = widen(p);
+  high = widen(p + kLanes);
 }
 
 template <size_t... Lane>
@@ -157,8 +188,7 @@ inline void relax() {
 
 // How long a thread that waits spins before it sleeps: longer than the gaps between the loops
 // of a step (norms, one row's attention: tens of µs), shorter than a time slice.
-static const std::chrono::microseconds kSpinBeforeSleep{
-    std::getenv("SOPRANO_POOL_SPIN_US") ? std::atoi(std::getenv("SOPRANO_POOL_SPIN_US")) : 200};
+constexpr std::chrono::microseconds kSpinBeforeSleep{200};
 
 // Spins until done() or kSpinBeforeSleep has passed; returns done().
 template <typename Done>
@@ -203,7 +233,9 @@ class ThreadPool {
     claim_.store(claim, std::memory_order_relaxed);
     helpers_.store(helpers, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
-    const uint64_t epoch = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    // Epochs count modulo 2^32, the width of the futex words that carry them.
+    const uint64_t epoch =
+        static_cast<uint32_t>((state_.load(std::memory_order_relaxed) >> 32) + 1);
     state_.store(epoch << 32, std::memory_order_release);
     wake_.fetch_add(1);
     if (sleepers_.load() > 0) futex_wake(wake_);
@@ -293,8 +325,8 @@ void parallel_runs(int64_t count, int64_t claim, const F& f) {
 
 // ---------------------------------------------------------------------------------------------
 // GEMM: y[m, n] (+)= sum_k x[m, k] * W[n, k], W packed as panels [n / kPanelWidth][k][kPanelWidth]
-// of bf16 (the LM's weights) or float32 (the decoder's). A panel product multiplies up to
-// kMaxPanelRows rows of x by one panel.
+// of bf16 (the LM's weights), float32 (the decoder's) or int8 with scales. A panel product
+// multiplies up to kMaxPanelRows rows of x by one panel.
 
 // Writes (or adds) the sums of a panel product: Rows rows of kPanelWidth columns.
 template <int Rows>
@@ -307,12 +339,27 @@ inline void write_sums(const Vec (&sums)[Rows][2], float* y, int64_t y_stride, b
   }
 }
 
+// Weight-only int8 (dtype 'int8'): a scale per output column, so a panel's sums are exact fp32
+// sums of x times the int8 weights and the scale is applied once per output. A panel is
+// kScaleRows + depth rows of kPanelWidth bytes: its kPanelWidth fp32 scales, then the weights.
+// Half the bytes of bf16 per weight, for the decode steps that only stream weights.
+constexpr int64_t kScaleRows = sizeof(float);
+
+// Rows of a panel in front of its weights.
+template <typename Weight>
+constexpr int64_t kHeaderRows = 0;
+template <>
+constexpr int64_t kHeaderRows<int8_t> = kScaleRows;
+
+// Rows rows of x times Panels panels (`depth` rows of kPanelWidth Weights each, after their
+// header; `stride` Weights apart), summed into acc[panel][row]. Each sum runs over k in order
+// whatever Rows and Panels are, so a row gets the same bits in any batch.
 // `prefetch`: the next panel, fetched into cache while this one is multiplied (or null).
-template <int Rows, typename Weight>
-void panel_product(const float* x, int64_t x_stride, const Weight* panel, int64_t depth,
-                   float* y, int64_t y_stride, bool accumulate, const Weight* prefetch) {
+template <int Rows, int Panels, typename Weight>
+inline void panel_sums(const float* x, int64_t x_stride, const Weight* panel, int64_t stride,
+                       int64_t depth, const Weight* prefetch, Vec (&acc)[Panels][Rows][2]) {
   constexpr int kCacheLine = 64;
-  Vec acc[Rows][2] = {};
+  const Weight* weights = panel + kHeaderRows<Weight> * kPanelWidth;
   for (int64_t k = 0; k < depth; ++k) {
     if (prefetch != nullptr) {
       const char* next_row = reinterpret_cast<const char*>(prefetch + k * kPanelWidth);
@@ -320,16 +367,54 @@ void panel_product(const float* x, int64_t x_stride, const Weight* panel, int64_
         __builtin_prefetch(next_row + b);
       }
     }
-    Vec w0, w1;
-    load_panel_row(panel + k * kPanelWidth, w0, w1);
+#pragma GCC unroll 2
+    for (int q = 0; q < Panels; ++q) {
+      Vec w0, w1;
+      load_panel_row(weights + q * stride + k * kPanelWidth, w0, w1);
 #pragma GCC unroll 8
-    for (int r = 0; r < Rows; ++r) {
-      const Vec xv = splat(x[r * x_stride + k]);
-      acc[r][0] += xv * w0;
-      acc[r][1] += xv * w1;
+      for (int r = 0; r < Rows; ++r) {
+        const Vec xv = splat(x[r * x_stride + k]);
+        acc[q][r][0] += xv * w0;
+        acc[q][r][1] += xv * w1;
+      }
     }
   }
-  write_sums(acc, y, y_stride, accumulate);
+}
+
+// Writes (or adds) a panel's sums, times its scales for int8.
+template <int Rows, typename Weight>
+inline void finish(Vec (&sums)[Rows][2], const Weight* panel, float* y, int64_t y_stride,
+                   bool accumulate) {
+  if constexpr (std::is_same_v<Weight, int8_t>) {
+    Vec scale[2];
+    std::memcpy(scale, panel, sizeof scale);
+#pragma GCC unroll 8
+    for (int r = 0; r < Rows; ++r) {
+      sums[r][0] *= scale[0];
+      sums[r][1] *= scale[1];
+    }
+  }
+  write_sums(sums, y, y_stride, accumulate);
+}
+
+template <int Rows, typename Weight>
+void panel_product(const float* x, int64_t x_stride, const Weight* panel, int64_t depth,
+                   float* y, int64_t y_stride, bool accumulate, const Weight* prefetch) {
+  Vec acc[1][Rows][2] = {};
+  panel_sums(x, x_stride, panel, 0, depth, prefetch, acc);
+  finish(acc[0], panel, y, y_stride, accumulate);
+}
+
+// One row (a decode step of one sequence) times two neighbouring panels: four chains of
+// multiply-adds instead of two, so the row is not held up by their latency (with int8 weights,
+// which take more instructions to widen, a lone row ran at half the memory's speed).
+template <typename Weight>
+void lone_row_product(const float* x, const Weight* panel, int64_t stride, int64_t depth,
+                      float* y, bool accumulate) {
+  Vec acc[2][1][2] = {};
+  panel_sums(x, 0, panel, stride, depth, static_cast<const Weight*>(nullptr), acc);
+  finish(acc[0], panel, y, 0, accumulate);
+  finish(acc[1], panel + stride, y + kPanelWidth, 0, accumulate);
 }
 
 template <typename Weight>
@@ -351,17 +436,26 @@ static_assert(sizeof(kPanelProducts<float>) / sizeof(kPanelProducts<float>[0]) >
 // Runs of panels per thread in a product: a few, so that the threads share them as they come.
 constexpr int64_t kClaimsPerThread = 4;
 
-// y (+)= x · Wᵀ over all panels, threads claiming runs of whole panels. Input is a float (or,
-// for bf16 products, a bf16 pair); a panel has `depth` rows of kPanelWidth Weight words. Which
-// thread computes a panel never changes its arithmetic.
+// y (+)= x · Wᵀ over all panels, threads claiming runs of whole panels (an even number, so that
+// a single row of floats goes two panels at a time: lone_row_product). Input is a float (or,
+// for bf16 products, a bf16 pair); a panel has `depth` rows of kPanelWidth Weight words after
+// its header. Which thread computes a panel never changes its arithmetic.
 template <typename Input, typename Weight, typename Product>
 void product_over_panels(const Input* x, int64_t x_stride, int64_t rows, const Weight* weights,
                          int64_t count, int64_t depth, float* y, int64_t y_stride,
                          bool accumulate, const Product* products) {
+  const int64_t stride = (kHeaderRows<Weight> + depth) * kPanelWidth;
   auto multiply = [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const Weight* panel = weights + p * depth * kPanelWidth;
-      const Weight* next = p + 1 < end ? panel + depth * kPanelWidth : nullptr;
+      const Weight* panel = weights + p * stride;
+      if constexpr (std::is_same_v<Input, float>) {
+        if (rows == 1 && p + 1 < end) {
+          lone_row_product(x, panel, stride, depth, y + p * kPanelWidth, accumulate);
+          ++p;
+          continue;
+        }
+      }
+      const Weight* next = p + 1 < end ? panel + stride : nullptr;
       for (int64_t r = 0; r < rows; r += kMaxPanelRows) {
         const int64_t block = std::min<int64_t>(kMaxPanelRows, rows - r);
         products[block](x + r * x_stride, x_stride, panel, depth,
@@ -371,7 +465,8 @@ void product_over_panels(const Input* x, int64_t x_stride, int64_t rows, const W
     }
   };
   const int64_t threads = at::get_num_threads();
-  parallel_runs(count, std::max<int64_t>(1, count / (threads * kClaimsPerThread)), multiply);
+  const int64_t claim = count / (threads * kClaimsPerThread) & ~int64_t{1};
+  parallel_runs(count, std::max<int64_t>(2, claim), multiply);
 }
 
 #if defined(__AVX512BF16__)
@@ -435,7 +530,7 @@ constexpr bool kBf16Products = false;
 
 // x: rows x depth floats (row stride x_stride); y: rows x width (row stride y_stride). Panels
 // of bf16 or float32 hold exact weights (fp32 products); int32 ones are pair panels (bf16
-// products).
+// products); int8 ones hold int8 weights and their scales (fp32 products).
 void gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& panels, float* y,
           int64_t y_stride, bool accumulate) {
 #if defined(__AVX512BF16__)
@@ -444,6 +539,12 @@ void gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& pane
     return;
   }
 #endif
+  if (panels.scalar_type() == at::kChar) {
+    product_over_panels(x, x_stride, rows, panels.data_ptr<int8_t>(), panels.size(0),
+                        panels.size(1) - kScaleRows, y, y_stride, accumulate,
+                        kPanelProducts<int8_t>);
+    return;
+  }
   if (panels.scalar_type() == at::kFloat) {
     product_over_panels(x, x_stride, rows, panels.data_ptr<float>(), panels.size(0),
                         panels.size(1), y, y_stride, accumulate, kPanelProducts<float>);
@@ -456,7 +557,14 @@ void gemm(const float* x, int64_t x_stride, int64_t rows, const at::Tensor& pane
 
 // Input width of a weight's panels.
 int64_t panel_depth(const at::Tensor& panels) {
-  return panels.scalar_type() == at::kInt ? 2 * panels.size(1) : panels.size(1);
+  switch (panels.scalar_type()) {
+    case at::kInt:
+      return 2 * panels.size(1);
+    case at::kChar:
+      return panels.size(1) - kScaleRows;
+    default:
+      return panels.size(1);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -718,11 +826,12 @@ class Qwen3Forward {
   std::vector<Layer> layers_;
 };
 
-// A buffer of `numel` elements (bf16 or float32) for panels, on 2 MB pages where Linux offers
-// them: every decode step streams all weights, and 4 KB pages would cost a TLB miss per page
-// (~5% of a step).
+// A buffer of `numel` elements (bf16, float32 or int8) for panels, on 2 MB pages where Linux
+// offers them: every decode step streams all weights, and 4 KB pages would cost a TLB miss per
+// page (~5% of a step).
 at::Tensor empty_panels(int64_t numel, at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "panels are bf16 or float32");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kChar,
+              "panels are bf16, float32 or int8");
   const auto options = at::TensorOptions().dtype(dtype);
 #if defined(__linux__)
   constexpr size_t kHugePage = 2 << 20;
@@ -766,6 +875,31 @@ at::Tensor pack(const at::Tensor& weight, const at::Tensor& out, bool bf16_produ
   return out.view({panels, depth, kPanelWidth});
 }
 
+// Writes int8 weights [n, k] (n a multiple of kPanelWidth) and their output columns' fp32 scales
+// [n] into `out` ((kScaleRows + k) · n bytes, e.g. a slice of empty_panels) and returns the
+// panels there: [n / kPanelWidth, kScaleRows + k, kPanelWidth] of int8, each panel's scales in
+// its first kScaleRows rows.
+at::Tensor pack_int8(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& out) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "an int8 [n, k] weight");
+  TORCH_CHECK(weight.size(0) % kPanelWidth == 0, "rows must be a multiple of ", kPanelWidth);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == weight.size(0) &&
+                  scales.scalar_type() == at::kFloat,
+              "a float32 scale per row");
+  const int64_t panels = weight.size(0) / kPanelWidth;
+  const int64_t depth = weight.size(1);
+  TORCH_CHECK(out.scalar_type() == at::kChar && out.is_contiguous() &&
+                  out.numel() == panels * (kScaleRows + depth) * kPanelWidth,
+              "out must hold the weight and its scales");
+  at::Tensor packed = out.view({panels, kScaleRows + depth, kPanelWidth});
+  packed.narrow(1, 0, kScaleRows)
+      .view(at::kFloat)
+      .view({panels, kPanelWidth})
+      .copy_(scales.view({panels, kPanelWidth}));
+  packed.narrow(1, kScaleRows, depth)
+      .copy_(weight.view({panels, kPanelWidth, depth}).permute({0, 2, 1}));
+  return packed;
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "float32 [m, k] input");
   TORCH_CHECK(x.size(1) == panel_depth(panels), "input width does not match the weight");
@@ -777,15 +911,79 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& panels) {
   return y;
 }
 
+// What this build compiled to, from the compiler's predefined macros: the vector instructions
+// the GEMM uses, the CPU features the compiler was told it may use, and the compiler itself.
+pybind11::dict build_info() {
+  const char* isa =
+#if defined(__AVX512F__)
+      "AVX-512";
+#elif defined(__AVX2__)
+      "AVX2";
+#elif defined(__ARM_NEON)
+      "NEON";
+#else
+      "generic";
+#endif
+  std::vector<std::string> features;
+#if defined(__AVX2__)
+  features.push_back("AVX2");
+#endif
+#if defined(__FMA__)
+  features.push_back("FMA");
+#endif
+#if defined(__AVX512F__)
+  features.push_back("AVX512F");
+#endif
+#if defined(__AVX512BW__)
+  features.push_back("AVX512BW");
+#endif
+#if defined(__AVX512VNNI__)
+  features.push_back("AVX512VNNI");
+#endif
+#if defined(__AVX512BF16__)
+  features.push_back("AVX512BF16");
+#endif
+#if defined(__ARM_NEON)
+  features.push_back("NEON");
+#endif
+#if defined(__ARM_FEATURE_FMA)
+  features.push_back("ARM_FMA");
+#endif
+#if defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+  features.push_back("ARM_BF16");
+#endif
+#if defined(_OPENMP)
+  features.push_back("OpenMP");
+#endif
+  const char* compiler =
+#if defined(__clang__)
+      "clang " __clang_version__;
+#elif defined(__GNUC__)
+      "gcc " __VERSION__;
+#else
+      "unknown";
+#endif
+  pybind11::dict info;
+  info["isa"] = isa;
+  info["features"] = features;
+  info["compiler"] = compiler;
+  info["vector_width"] = kLanes;
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("PANEL_WIDTH") = kPanelWidth;
   m.attr("VECTOR_WIDTH") = kLanes;
   m.attr("BF16_PRODUCTS") = kBf16Products;
+  m.def("build_info", &build_info, "The ISA, CPU features and compiler this build targets.");
   m.def("empty_panels", &empty_panels, "A buffer for panels, on huge pages where possible.");
   m.def("pack", &pack, "Write a bf16 [n, k] weight into `out` as panels for `linear`.",
         pybind11::arg("weight"), pybind11::arg("out"), pybind11::arg("bf16_products") = false);
+  m.def("pack_int8", &pack_int8, "Write int8 [n, k] weights and [n] scales into `out` as panels.",
+        pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("out"));
+  m.attr("INT8_SCALE_ROWS") = kScaleRows;
   // Both release the GIL, so that other Python threads (an asyncio server's) run meanwhile.
   m.def("linear", &linear, "x [m, k] float32 times packed W^T.",
         pybind11::call_guard<pybind11::gil_scoped_release>());
