@@ -381,6 +381,19 @@ inline void panel_sums(const float* x, int64_t x_stride, const Weight* panel, in
   }
 }
 
+// v as it is, rounded: the compiler may not fuse the product that made it into a later
+// addition (-ffp-contract=fast fuses where it sees fit, so one instantiation of a panel product
+// would round a scaled sum before adding it to y and another not, and a row's bits would depend
+// on its batch).
+inline Vec rounded(Vec v) {
+#if defined(__x86_64__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+  return v;
+}
+
 // Writes (or adds) a panel's sums, times its scales for int8.
 template <int Rows, typename Weight>
 inline void finish(Vec (&sums)[Rows][2], const Weight* panel, float* y, int64_t y_stride,
@@ -390,8 +403,8 @@ inline void finish(Vec (&sums)[Rows][2], const Weight* panel, float* y, int64_t 
     std::memcpy(scale, panel, sizeof scale);
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
-      sums[r][0] *= scale[0];
-      sums[r][1] *= scale[1];
+      sums[r][0] = rounded(sums[r][0] * scale[0]);
+      sums[r][1] = rounded(sums[r][1] * scale[1]);
     }
   }
   write_sums(sums, y, y_stride, accumulate);
