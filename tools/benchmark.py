@@ -526,8 +526,9 @@ class ThreadSetting:
 
 
 def thread_settings() -> list[ThreadSetting]:
-    """One thread; one per core on OpenMP loops with libgomp's own wait (the former default)
-    and with the passive wait; and Soprano's default: the kernels' own pool, passive wait."""
+    """One thread; one per core with the kernels' loops on OpenMP's threads (as before) or on
+    their own pool, each with libgomp's own wait and with the passive one (Soprano's default:
+    the pool, passive)."""
     from soprano.threads import OPENMP_DEFAULTS
 
     cores = len(os.sched_getaffinity(0))  # what libgomp counts: a taskset limits it
@@ -542,6 +543,11 @@ def thread_settings() -> list[ThreadSetting]:
         ),
         ThreadSetting(
             f"{cores} threads, OpenMP loops, {defaults}", cores, openmp_loops | OPENMP_DEFAULTS
+        ),
+        ThreadSetting(
+            f"{cores} threads, the kernels' pool, libgomp's default wait",
+            cores,
+            LIBGOMP_DEFAULT_WAIT,
         ),
         ThreadSetting(
             f"Soprano's default: {cores} threads, the kernels' pool, {defaults}",
