@@ -504,8 +504,17 @@ BUSY_LOOP = (
 )
 SERVED_FIRST_AUDIO = "serving layer, time to first audio (ms)"
 SERVED_RATE = "serving layer, audio s per s"
+SUSTAINED_SENTENCES = 4
+"""A process that has just woken gets the scheduler's favour over the busy loops for a moment
+(Linux credits a sleeper); one that keeps working for seconds does not: both cases are real
+(a short reply, a long text)."""
 CONTENTION_TASKS = (
     Task("e2e", "infer × real time, one sentence", SENTENCE),
+    Task(
+        "sustained",
+        f"infer × real time, {SUSTAINED_SENTENCES} sentences one after another",
+        SENTENCE,
+    ),
     Task("ttfa", "infer_stream time to first audio (ms)", SENTENCE),
     Task("stream", "infer_stream audio s per s (a chunk per token)", SENTENCE),
     Task("served", "serving layer", SENTENCE),
@@ -606,7 +615,8 @@ def _openmp_environment(variables: dict[str, str]) -> Iterator[None]:
 
 def _contention_runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any], Any]]:
     """`served`: the sentence through the serving layer, the servers' path, whose engine thread
-    is not the thread that loaded the model (so the process has two OpenMP thread teams)."""
+    is not the thread that loaded the model (so the process has two OpenMP thread teams).
+    `sustained`: `infer` of the sentence SUSTAINED_SENTENCES times in a row."""
     from soprano.lm import SamplingParams
     from soprano.serving import SpeechService
     from soprano.text import prepare_text
@@ -625,7 +635,15 @@ def _contention_runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any
         rate = samples / SAMPLE_RATE / (time.perf_counter() - start)
         return {SERVED_FIRST_AUDIO: first * 1000, SERVED_RATE: rate}
 
-    return {"served": served}
+    def sustained(text: str) -> float:
+        start = time.perf_counter()
+        samples = sum(
+            len(tts.infer(text, max_new_tokens=settings.sentence_tokens))
+            for _ in range(SUSTAINED_SENTENCES)
+        )
+        return samples / SAMPLE_RATE / (time.perf_counter() - start)
+
+    return {"served": served, "sustained": sustained}
 
 
 def run_contention(
