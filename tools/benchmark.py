@@ -646,11 +646,18 @@ def _contention_runners(tts: Any, settings: Settings) -> dict[str, Callable[[Any
     return {"served": served, "sustained": sustained}
 
 
+def _contention_worker(setup: ThreadSetting, task: Task) -> str:
+    """Each setting runs the serving layer in a process of its own: once its engine thread has
+    run, the process keeps a second OpenMP team, which would slow the engine's own tasks."""
+    return f"{setup.label}: {'serving' if task.kind == 'served' else 'engine'}"
+
+
 def run_contention(
     device: str, repeats: int, settings: Settings, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Every thread setting next to 0, 1 and 2 competitors, interleaved: per repeat and load,
-    each setting runs each task in turn (the settings' order rotates from repeat to repeat)."""
+    each setting runs each task in turn (the settings' order rotates from repeat to repeat),
+    each task of a setting in its own process."""
     checkpoint = ensure_checkpoint()
     load_before = os.getloadavg()[0]
     context = multiprocessing.get_context("spawn")
@@ -659,7 +666,9 @@ def run_contention(
     processes = []
     results: dict[str, dict[str, list[float]]] = {setup.label: {} for setup in setups}
     try:
-        for setup in setups:
+        for setup, task in itertools.product(setups, CONTENTION_TASKS):
+            if _contention_worker(setup, task) in pipes:
+                continue
             parent, child = context.Pipe()
             process = context.Process(
                 target=worker,
@@ -668,7 +677,7 @@ def run_contention(
             )
             with _openmp_environment(setup.environment):
                 process.start()
-            pipes[setup.label] = parent
+            pipes[_contention_worker(setup, task)] = parent
             processes.append(process)
         await_workers(pipes, log)
         for repeat in range(repeats):
@@ -676,8 +685,9 @@ def run_contention(
             for load in COMPETITOR_LOADS:
                 with competitors(load):
                     for setup, task in itertools.product(order, CONTENTION_TASKS):
-                        pipes[setup.label].send(task)
-                        value = pipes[setup.label].recv()
+                        pipe = pipes[_contention_worker(setup, task)]
+                        pipe.send(task)
+                        value = pipe.recv()
                         values = value if isinstance(value, dict) else {task.label: value}
                         for label, figure in values.items():
                             results[setup.label].setdefault(f"{label} | {load}", []).append(figure)
