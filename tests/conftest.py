@@ -7,8 +7,10 @@ from types import ModuleType
 
 import pytest
 
+from soprano.checkpoint import Checkpoint
 from soprano.cpu import kernels
 from soprano.testing.make_checkpoint import make_checkpoint
+from soprano.tokenizer import PromptTokenizer
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +30,17 @@ def compiled_kernels() -> ModuleType:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Soprano-1.1-style checkpoint (decoder 1×1 embed)."""
     return make_checkpoint(tmp_path_factory.mktemp("soprano-tiny"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_checkpoint: Path) -> Checkpoint:
+    """The tiny checkpoint, loaded: for the LM backends, which take a Checkpoint."""
+    return Checkpoint.from_folder(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def prompt_tokenizer(checkpoint: Checkpoint) -> PromptTokenizer:
+    return PromptTokenizer(checkpoint.tokenizer_path)
 
 
 @pytest.fixture(scope="session")

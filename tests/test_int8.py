@@ -35,14 +35,8 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint: Path) -> Checkpoint:
-    return Checkpoint.from_folder(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def prompts(checkpoint: Checkpoint) -> list[list[int]]:
-    tokenizer = PromptTokenizer(checkpoint.tokenizer_path)
-    return [tokenizer.encode(sentence) for sentence in SENTENCES]
+def prompts(prompt_tokenizer: PromptTokenizer) -> list[list[int]]:
+    return [prompt_tokenizer.encode(sentence) for sentence in SENTENCES]
 
 
 def random_weight(rows: int, columns: int, seed: int = 0) -> torch.Tensor:

@@ -7,7 +7,6 @@ whose sequences end at different steps (so finished rows leave the batch), and t
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -38,14 +37,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint: Path) -> Checkpoint:
-    return Checkpoint.from_folder(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def prompts(checkpoint: Checkpoint) -> list[list[int]]:
-    tokenizer = PromptTokenizer(checkpoint.tokenizer_path)
-    return [tokenizer.encode(sentence) for sentence in SENTENCES]
+def prompts(prompt_tokenizer: PromptTokenizer) -> list[list[int]]:
+    return [prompt_tokenizer.encode(sentence) for sentence in SENTENCES]
 
 
 @pytest.fixture(scope="module")
