@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -12,6 +13,8 @@ import pytest
 from soprano import SopranoTTS
 from soprano.cpu import kernels
 
+COMPETITOR_TIMEOUT = 120.0
+"""Seconds a competitor may take to end by itself on a loaded machine: a hang fails."""
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "benchmark.py"
 
 
@@ -68,3 +71,19 @@ def test_the_kernel_build_is_named_per_column(
         "- native: AVX-512 (...)",
         "- native:march=haswell: AVX2 (...)",
     ]
+
+
+def test_the_benchmarks_competitors_run_and_are_always_stopped(benchmark: ModuleType):
+    with pytest.raises(RuntimeError, match="a task failed"), benchmark.competitors(2) as running:
+        assert len(running) == 2
+        assert all(process.poll() is None for process in running)
+        raise RuntimeError("a task failed")
+    assert [process.returncode for process in running] == [-signal.SIGKILL] * 2
+    with benchmark.competitors(0) as none:
+        assert none == []
+
+
+def test_a_competitor_ends_by_itself_after_its_lifetime(benchmark: ModuleType):
+    """Should the benchmark itself be killed, no busy loop outlives its bound."""
+    with benchmark.competitors(1, lifetime=0.1) as (process,):
+        assert process.wait(timeout=COMPETITOR_TIMEOUT) == 0

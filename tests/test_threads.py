@@ -3,10 +3,8 @@ thread count never changes a bit of the results, and the benchmark's competitors
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -184,31 +182,3 @@ def test_the_audio_is_the_same_for_any_thread_count(tiny_checkpoint: Path, resto
         assert all(torch.equal(a, b) for a, b in zip(hidden[threads], hidden[1], strict=True))
         assert torch.equal(audio[threads], audio[1])
         assert torch.equal(streamed[threads], streamed[1])
-
-
-@pytest.fixture(scope="module")
-def benchmark() -> ModuleType:
-    """tools/benchmark.py (not a package), imported as a module of its own."""
-    path = Path(__file__).resolve().parent.parent / "tools" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("soprano_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_benchmarks_competitors_run_and_are_always_stopped(benchmark: ModuleType):
-    with pytest.raises(RuntimeError, match="a task failed"), benchmark.competitors(2) as running:
-        assert len(running) == 2
-        assert all(process.poll() is None for process in running)
-        raise RuntimeError("a task failed")
-    assert [process.returncode for process in running] == [-signal.SIGKILL] * 2
-    with benchmark.competitors(0) as none:
-        assert none == []
-
-
-def test_a_competitor_ends_by_itself_after_its_lifetime(benchmark: ModuleType):
-    """Should the benchmark itself be killed, no busy loop outlives its bound."""
-    with benchmark.competitors(1, lifetime=0.1) as (process,):
-        assert process.wait(timeout=SUBPROCESS_TIMEOUT) == 0
