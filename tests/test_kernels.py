@@ -309,6 +309,21 @@ def test_the_forced_target_reaches_the_compiler(tmp_path: Path, tiny_source: Pat
     assert "no-such-cpu" in kernels.first_error(wrong.stderr)
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86 target")
+def test_the_kernels_build_for_x86_cpus_without_avx(tmp_path: Path):
+    """The oldest x86-64 target (no AVX, no FMA: vectors are no single register there) builds
+    the real source, so an image made for any x86 CPU has its kernels."""
+    built = subprocess.run(
+        [sys.executable, "-m", "soprano.cpu.kernels"],
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), kernels.MARCH: "x86-64"},
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+    )
+    assert built.returncode == 0, kernels.first_error(built.stderr)
+    assert "Built for generic (OpenMP)" in built.stderr
+
+
 def test_build_info_says_what_the_build_targets(
     compiled_kernels: ModuleType, caplog: pytest.LogCaptureFixture
 ):

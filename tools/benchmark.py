@@ -248,14 +248,7 @@ def run(
     pipes: dict[str, Connection] = {}
     processes = []
     for spec in backends:
-        parent, child = context.Pipe()
-        process = context.Process(
-            target=worker,
-            args=(spec, str(checkpoint), device, threads, settings, child),
-            daemon=True,
-        )
-        process.start()
-        pipes[spec] = parent
+        pipes[spec], process = start_worker(context, spec, checkpoint, device, threads, settings)
         processes.append(process)
     builds = await_workers(pipes, log)
     results: dict[str, dict[str, list[float]]] = {spec: {} for spec in backends}
@@ -271,10 +264,7 @@ def run(
         peaks[spec] = pipe.recv()
     for process in processes:
         process.join()
-    medians = {
-        spec: {label: statistics.median(values) for label, values in by_task.items()}
-        for spec, by_task in results.items()
-    }
+    medians = _medians(results)
     memory_label = "peak memory (MiB, " + ("GPU" if device.startswith("cuda") else "RSS") + ")"
     for spec in backends:
         medians[spec][memory_label] = peaks[spec]
@@ -287,6 +277,33 @@ def run(
         "kernels": builds,
         "medians": medians,
         "samples": results,
+    }
+
+
+def start_worker(
+    context: Any,
+    spec: str,
+    checkpoint: Path,
+    device: str,
+    threads: int | None,
+    settings: Settings,
+) -> tuple[Connection, Any]:
+    """A worker process for the column `spec`, started with this process's environment; its
+    pipe and the process."""
+    parent, child = context.Pipe()
+    process = context.Process(
+        target=worker,
+        args=(spec, str(checkpoint), device, threads, settings, child),
+        daemon=True,
+    )
+    process.start()
+    return parent, process
+
+
+def _medians(results: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {
+        column: {label: statistics.median(values) for label, values in by_task.items()}
+        for column, by_task in results.items()
     }
 
 
@@ -551,7 +568,9 @@ def thread_settings() -> list[ThreadSetting]:
             openmp_loops | LIBGOMP_DEFAULT_WAIT,
         ),
         ThreadSetting(
-            f"{cores} threads, OpenMP loops, {defaults}", cores, openmp_loops | OPENMP_DEFAULTS
+            f"{cores} threads, OpenMP loops, {defaults}",
+            cores,
+            openmp_loops | dict(OPENMP_DEFAULTS),
         ),
         ThreadSetting(
             f"{cores} threads, the kernels' pool, libgomp's default wait",
@@ -656,8 +675,8 @@ def run_contention(
     device: str, repeats: int, settings: Settings, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Every thread setting next to 0, 1 and 2 competitors, interleaved: per repeat and load,
-    each setting runs each task in turn (the settings' order rotates from repeat to repeat),
-    each task of a setting in its own process."""
+    each setting runs each task in turn (the settings' order rotates from repeat to repeat);
+    a setting's serving-layer task runs in a process of its own (`_contention_worker`)."""
     checkpoint = ensure_checkpoint()
     load_before = os.getloadavg()[0]
     context = multiprocessing.get_context("spawn")
@@ -667,17 +686,13 @@ def run_contention(
     results: dict[str, dict[str, list[float]]] = {setup.label: {} for setup in setups}
     try:
         for setup, task in itertools.product(setups, CONTENTION_TASKS):
-            if _contention_worker(setup, task) in pipes:
+            name = _contention_worker(setup, task)
+            if name in pipes:
                 continue
-            parent, child = context.Pipe()
-            process = context.Process(
-                target=worker,
-                args=(setup.spec, str(checkpoint), device, None, settings, child),
-                daemon=True,
-            )
             with _openmp_environment(setup.environment):
-                process.start()
-            pipes[_contention_worker(setup, task)] = parent
+                pipes[name], process = start_worker(
+                    context, setup.spec, checkpoint, device, None, settings
+                )
             processes.append(process)
         await_workers(pipes, log)
         for repeat in range(repeats):
@@ -700,10 +715,7 @@ def run_contention(
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
-    medians = {
-        label: {key: statistics.median(values) for key, values in by_task.items()}
-        for label, by_task in results.items()
-    }
+    medians = _medians(results)
     return {
         "machine": machine(None) | {"load_before": load_before, "load_after": os.getloadavg()[0]},
         "command": " ".join(["script/benchmark", *sys.argv[1:]]),

@@ -384,9 +384,10 @@ inline void panel_sums(const float* x, int64_t x_stride, const Weight* panel, in
 // v as it is, rounded: the compiler may not fuse the product that made it into a later
 // addition (-ffp-contract=fast fuses where it sees fit, so one instantiation of a panel product
 // would round a scaled sum before adding it to y and another not, and a row's bits would depend
-// on its batch).
+// on its batch). Without FMA (an x86-64 build for CPUs before Haswell) nothing fuses, and the
+// vector is no single register there.
 inline Vec rounded(Vec v) {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__FMA__)
   asm("" : "+v"(v));
 #elif defined(__aarch64__)
   asm("" : "+w"(v));
