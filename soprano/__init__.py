@@ -6,8 +6,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES
+from soprano.cpu.threads import apply_openmp_defaults
 from soprano.errors import BackendUnavailableError, ModelLoadError, SopranoError
-from soprano.threads import apply_openmp_defaults
 
 # Before anything imports torch: libgomp reads its variables once, when torch loads it.
 apply_openmp_defaults(torch_loaded="torch" in sys.modules)

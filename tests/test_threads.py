@@ -17,15 +17,15 @@ import torch
 
 from soprano.checkpoint import Checkpoint
 from soprano.cpu.linear import PanelLinear
-from soprano.decoder import WindowProduct
-from soprano.lm import SamplingParams
-from soprano.lm.native import NativeLM
-from soprano.threads import (
+from soprano.cpu.threads import (
     OPENMP_DEFAULTS,
     WAIT_VARIABLES,
     apply_openmp_defaults,
     note_unset_wait_policy,
 )
+from soprano.decoder import WindowProduct
+from soprano.lm import SamplingParams
+from soprano.lm.native import NativeLM
 from soprano.tokenizer import PromptTokenizer
 from soprano.tts import SopranoTTS
 
@@ -64,7 +64,7 @@ def test_nothing_is_set_once_torch_is_loaded():
 def test_a_process_that_imported_torch_first_is_told_what_to_set(
     caplog: pytest.LogCaptureFixture,
 ):
-    with caplog.at_level(logging.INFO, logger="soprano.threads"):
+    with caplog.at_level(logging.INFO, logger="soprano.cpu.threads"):
         assert note_unset_wait_policy({})
         assert not note_unset_wait_policy({"OMP_WAIT_POLICY": "ACTIVE"})
     [record] = caplog.records
@@ -94,6 +94,16 @@ def libgomp_settings(module: str, **environ: str) -> dict[str, str]:
 @pytest.mark.parametrize("module", ENTRY_MODULES)
 def test_every_entry_point_gives_libgomp_the_defaults(module: str):
     assert libgomp_settings(module) == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
+
+
+def test_the_benchmark_measures_the_defaults_users_get():
+    """tools/benchmark.py (and the load test, which imports it) must import soprano before
+    torch, or its columns would run with libgomp's spinning wait instead of Soprano's."""
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    assert libgomp_settings("benchmark", PYTHONPATH=str(tools)) == {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "GOMP_SPINCOUNT": "0",
+    }
 
 
 def test_libgomp_gets_the_users_values():

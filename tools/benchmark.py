@@ -33,6 +33,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+# soprano before torch: its thread defaults (soprano.cpu.threads) must reach libgomp, which reads
+# them when torch loads it, in every worker too, so that each column runs as users run it.
+import soprano  # noqa: F401  # isort: skip
+
 import torch
 
 from soprano.constants import SAMPLE_RATE, TOKEN_SAMPLES, TOKENS_PER_SECOND
@@ -555,7 +559,7 @@ def thread_settings() -> list[ThreadSetting]:
     """One thread; one per core with the kernels' loops on OpenMP's threads (as before) or on
     their own pool, each with libgomp's own wait and with the passive one (Soprano's default:
     the pool, passive)."""
-    from soprano.threads import OPENMP_DEFAULTS
+    from soprano.cpu.threads import OPENMP_DEFAULTS
 
     cores = len(os.sched_getaffinity(0))  # what libgomp counts: a taskset limits it
     defaults = ", ".join(f"{name}={value}" for name, value in OPENMP_DEFAULTS.items())

@@ -24,10 +24,10 @@ from soprano.cpu.linear import (
     replace_linears,
     round_to_int8,
 )
+from soprano.cpu.threads import note_unset_wait_policy
 from soprano.lm.base import LanguageModel, SamplingParams, SequenceBatch, Step
 from soprano.lm.qwen3 import Qwen3, SequenceCache
 from soprano.lm.sampling import TokenSampler
-from soprano.threads import note_unset_wait_policy
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class NativeLM(LanguageModel):
     - threads: the CPU threads of the kernels and of torch (torch.set_num_threads, for the
       whole process; None leaves torch's default, one per core). With the kernels any count
       gives the same bits. With more than one, OpenMP's wait policy decides what a busy host costs:
-      soprano.threads sets it when soprano is imported.
+      soprano.cpu.threads sets it when soprano is imported.
     """
 
     name = "native"
