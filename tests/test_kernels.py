@@ -336,7 +336,8 @@ def test_build_info_says_what_the_build_targets(
     family = kernels.compiler_family(kernels._compiler())
     assert str(info["compiler"]).startswith(family)
     assert info["flags"] == " ".join(kernels.compile_flags(family))
-    assert info["threads"] == torch.get_num_threads()
+    assert info["threads"] == compiled_kernels.threads()
+    assert info["torch_threads"] == torch.get_num_threads()
     with caplog.at_level(logging.DEBUG, logger="soprano.cpu.kernels"):
         assert kernels.cpu_kernels.__wrapped__() is compiled_kernels  # loads the cached build
     [loaded] = [message for message in caplog.messages if message.startswith("Native CPU")]

@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from soprano.checkpoint import Checkpoint
+from soprano.cpu.kernels import cpu_kernels
 from soprano.cpu.linear import PanelLinear
 from soprano.cpu.threads import (
     OPENMP_DEFAULTS,
     WAIT_VARIABLES,
     apply_openmp_defaults,
     note_unset_wait_policy,
+    share_cores,
 )
 from soprano.decoder import WindowProduct
 from soprano.lm import SamplingParams
@@ -113,9 +115,13 @@ def test_libgomp_gets_the_users_values():
 
 @pytest.fixture
 def restore_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
+    """Puts back torch's thread count and the kernels' (where they are built)."""
+    built = cpu_kernels()
+    threads = torch.get_num_threads(), None if built is None else built.threads()
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads[0])
+    if built is not None and threads[1] is not None:
+        built.set_threads(threads[1])
 
 
 def test_the_kernels_gemm_is_the_same_for_any_thread_count(
@@ -131,7 +137,7 @@ def test_the_kernels_gemm_is_the_same_for_any_thread_count(
     inputs = [torch.randn(rows, 80, generator=generator) for rows in (1, 5, 13)]
     results = {}
     for threads in THREAD_COUNTS:
-        torch.set_num_threads(threads)
+        compiled_kernels.set_threads(threads)
         results[threads] = [packed(x) for x in inputs]
     for threads in THREAD_COUNTS[1:]:
         for ours, first in zip(results[threads], results[1], strict=True):
@@ -161,9 +167,9 @@ def test_the_kernels_threads_serve_several_callers_at_once(
     layer.weight.data = layer.weight.data.bfloat16().float()
     (packed,) = PanelLinear.pack_all([layer], compiled_kernels)
     x = torch.randn(3, 64, generator=generator)
-    torch.set_num_threads(1)
+    compiled_kernels.set_threads(1)
     expected = packed(x)
-    torch.set_num_threads(3)
+    compiled_kernels.set_threads(3)
 
     def loops(_: int) -> bool:
         return all(torch.equal(packed(x), expected) for _ in range(300))
@@ -181,7 +187,6 @@ def test_the_audio_is_the_same_for_any_thread_count(tiny_checkpoint: Path, resto
     hidden, audio, streamed = {}, {}, {}
     for threads in THREAD_COUNTS:
         lm = NativeLM(checkpoint, torch.device("cpu"), threads=threads)
-        assert torch.get_num_threads() == threads
         hidden[threads] = [g.hidden for g in lm.generate(prompts, params)]
         tts = SopranoTTS(
             "native", "cpu", model_path=tiny_checkpoint, backend_options={"threads": threads}
@@ -192,3 +197,43 @@ def test_the_audio_is_the_same_for_any_thread_count(tiny_checkpoint: Path, resto
         assert all(torch.equal(a, b) for a, b in zip(hidden[threads], hidden[1], strict=True))
         assert torch.equal(audio[threads], audio[1])
         assert torch.equal(streamed[threads], streamed[1])
+
+
+def test_the_kernels_take_the_threads_and_torch_keeps_one(
+    compiled_kernels: ModuleType, checkpoint: Checkpoint, restore_threads: None
+):
+    """PyTorch's operators between the kernels' loops run on the calling thread, so that two
+    teams of threads do not take turns on the same cores; None keeps the count chosen before."""
+    NativeLM(checkpoint, torch.device("cpu"), threads=3)
+    assert (compiled_kernels.threads(), torch.get_num_threads()) == (3, 1)
+    NativeLM(checkpoint, torch.device("cpu"))
+    assert (compiled_kernels.threads(), torch.get_num_threads()) == (3, 1)
+    assert share_cores(compiled_kernels, 2) == 2
+    assert (compiled_kernels.threads(), torch.get_num_threads()) == (2, 1)
+
+
+def test_the_pytorch_path_gives_torch_the_threads(checkpoint: Checkpoint, restore_threads: None):
+    NativeLM(checkpoint, torch.device("cpu"), kernels=False, threads=3)
+    assert torch.get_num_threads() == 3
+
+
+def test_openmp_loops_run_on_torchs_threads(compiled_kernels: ModuleType, tiny_checkpoint: Path):
+    """SOPRANO_OPENMP_LOOPS puts the kernels' loops on OpenMP's threads, which torch counts."""
+    script = (
+        "import sys, torch\n"
+        "from soprano.checkpoint import Checkpoint\n"
+        "from soprano.cpu.kernels import cpu_kernels\n"
+        "from soprano.lm.native import NativeLM\n"
+        "NativeLM(Checkpoint.from_folder(sys.argv[1]), torch.device('cpu'), threads=3)\n"
+        "print(cpu_kernels().OPENMP_LOOPS, cpu_kernels().threads(), torch.get_num_threads())\n"
+    )
+    environment = os.environ | {"SOPRANO_OPENMP_LOOPS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_checkpoint)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "3", "3"]

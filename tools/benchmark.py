@@ -136,8 +136,11 @@ def worker(
     threads: int | None,
     settings: Settings,
     pipe: Connection,
+    torch_threads: int | None = None,
 ) -> None:
-    """Load one backend, then run the tasks the parent sends until it sends None."""
+    """Load one backend, then run the tasks the parent sends until it sends None. `threads` is
+    torch's count before loading (what --threads sets, and so the native backend's default);
+    `torch_threads` overrides torch's count once the backend is loaded."""
     from soprano.tts import SopranoTTS
 
     logging.getLogger("soprano").setLevel(logging.ERROR)  # every benchmark sentence is cut
@@ -150,6 +153,8 @@ def worker(
     tts = SopranoTTS(
         backend=name, device=device, model_path=checkpoint, warmup=False, backend_options=options
     )
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     tts.infer("Hello world!", max_new_tokens=8)
     runners = _runners(tts, settings) | _contention_runners(tts, settings)
     pipe.send(("ready", kernel_build(tts)))
@@ -291,13 +296,14 @@ def start_worker(
     device: str,
     threads: int | None,
     settings: Settings,
+    torch_threads: int | None = None,
 ) -> tuple[Connection, Any]:
     """A worker process for the column `spec`, started with this process's environment; its
     pipe and the process."""
     parent, child = context.Pipe()
     process = context.Process(
         target=worker,
-        args=(spec, str(checkpoint), device, threads, settings, child),
+        args=(spec, str(checkpoint), device, threads, settings, child, torch_threads),
         daemon=True,
     )
     process.start()
@@ -549,6 +555,8 @@ class ThreadSetting:
     """The native backend's `threads` option (None: its default)."""
     environment: dict[str, str]
     """OpenMP variables of its worker process (the others of OPENMP_VARIABLES unset)."""
+    torch_threads: int | None = None
+    """PyTorch's own count once the engine is loaded (None: what the backend chose)."""
 
     @property
     def spec(self) -> str:
@@ -557,8 +565,8 @@ class ThreadSetting:
 
 def thread_settings() -> list[ThreadSetting]:
     """One thread; one per core with the kernels' loops on OpenMP's threads (as before) or on
-    their own pool, each with libgomp's own wait and with the passive one (Soprano's default:
-    the pool, passive)."""
+    their own pool, each with libgomp's own wait and with the passive one, PyTorch's operators
+    on every core; and Soprano's default: the pool, passive, PyTorch's operators on one."""
     from soprano.cpu.threads import OPENMP_DEFAULTS
 
     cores = len(os.sched_getaffinity(0))  # what libgomp counts: a taskset limits it
@@ -580,9 +588,17 @@ def thread_settings() -> list[ThreadSetting]:
             f"{cores} threads, the kernels' pool, libgomp's default wait",
             cores,
             LIBGOMP_DEFAULT_WAIT,
+            torch_threads=cores,
         ),
         ThreadSetting(
-            f"Soprano's default: {cores} threads, the kernels' pool, {defaults}",
+            f"{cores} threads, the kernels' pool, {defaults}, PyTorch's operators on {cores}",
+            cores,
+            dict(OPENMP_DEFAULTS),
+            torch_threads=cores,
+        ),
+        ThreadSetting(
+            f"Soprano's default: {cores} threads, the kernels' pool, {defaults}, "
+            "PyTorch's operators on 1",
             None,
             dict(OPENMP_DEFAULTS),
         ),
@@ -695,7 +711,7 @@ def run_contention(
                 continue
             with _openmp_environment(setup.environment):
                 pipes[name], process = start_worker(
-                    context, setup.spec, checkpoint, device, None, settings
+                    context, setup.spec, checkpoint, device, None, settings, setup.torch_threads
                 )
             processes.append(process)
         await_workers(pipes, log)
@@ -725,7 +741,11 @@ def run_contention(
         "command": " ".join(["script/benchmark", *sys.argv[1:]]),
         "settings": settings.__dict__ | {"repeats": repeats, "device": device},
         "thread_settings": {
-            setup.label: {"threads": setup.threads, "environment": setup.environment}
+            setup.label: {
+                "threads": setup.threads,
+                "environment": setup.environment,
+                "torch_threads": setup.torch_threads,
+            }
             for setup in setups
         },
         "medians": medians,

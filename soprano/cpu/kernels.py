@@ -227,16 +227,19 @@ def build_info(module: ModuleType) -> dict[str, object]:
     and how many threads it runs: for benchmarks and bug reports."""
     info: dict[str, object] = dict(module.build_info())
     info["flags"] = getattr(module, FLAGS_ATTRIBUTE, "unknown")
-    info["threads"] = torch.get_num_threads()
+    info["threads"] = module.threads()
+    info["torch_threads"] = torch.get_num_threads()
     return info
 
 
 def describe(info: dict[str, object]) -> str:
-    """build_info in one line: 'AVX-512 (AVX2 FMA ...), gcc 12.2.0, -O3 ..., 2 threads'."""
+    """build_info in one line: 'AVX-512 (AVX2 FMA ...), gcc 12.2.0, -O3 ..., 2 threads (PyTorch's
+    operators 1)'."""
     features = info.get("features")
     listed = " ".join(features) if isinstance(features, list) else ""
     return (
         f"{info['isa']} ({listed}), {info['compiler']}, {info['flags']}, {info['threads']} threads"
+        f" (PyTorch's operators {info['torch_threads']})"
     )
 
 

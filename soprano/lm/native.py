@@ -24,7 +24,7 @@ from soprano.cpu.linear import (
     replace_linears,
     round_to_int8,
 )
-from soprano.cpu.threads import note_unset_wait_policy
+from soprano.cpu.threads import note_unset_wait_policy, share_cores
 from soprano.lm.base import LanguageModel, SamplingParams, SequenceBatch, Step
 from soprano.lm.qwen3 import Qwen3, SequenceCache
 from soprano.lm.sampling import TokenSampler
@@ -46,10 +46,11 @@ class NativeLM(LanguageModel):
       first use; same results as without).
     - half_weights: where the kernels are off or cannot be built, on x86 CPUs, hold float32
       weights as exactly-representable fp16 for FBGEMM (same results, half the memory traffic).
-    - threads: the CPU threads of the kernels and of torch (torch.set_num_threads, for the
-      whole process; None leaves torch's default, one per core). With the kernels any count
-      gives the same bits. With more than one, OpenMP's wait policy decides what a busy host costs:
-      soprano.cpu.threads sets it when soprano is imported.
+    - threads: the CPU threads, for the whole process; None keeps the count (at first torch's
+      default, one per core). With the kernels these run the kernels' loops, PyTorch's own
+      operators run on one thread (soprano.cpu.threads.share_cores), and any count gives the
+      same bits; without them, torch.set_num_threads. With more than one, OpenMP's wait policy
+      decides what a busy host costs: soprano.cpu.threads sets it when soprano is imported.
     """
 
     name = "native"
@@ -66,12 +67,10 @@ class NativeLM(LanguageModel):
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if threads is not None:
-            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-            torch.set_num_threads(threads)
-        if device.type == "cpu" and torch.get_num_threads() > 1:
-            note_unset_wait_policy()
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         config = checkpoint.config
         model = Qwen3.from_hf_state(config, checkpoint.load_lm_state())
         cpu = device.type == "cpu"
@@ -87,6 +86,12 @@ class NativeLM(LanguageModel):
             elif half:
                 replace_linears(model, HalfStoredLinear.from_weight)
         _LOGGER.debug("Native LM forward: %s", "compiled" if model.compiled else "PyTorch")
+        if model.compiled is not None and (built := cpu_kernels()) is not None:
+            threads = share_cores(built, threads)
+        elif threads is not None:
+            torch.set_num_threads(threads)
+        if cpu and (threads or torch.get_num_threads()) > 1:
+            note_unset_wait_policy()
         self.model = model.to(device)
         self.dtype = dtype
         self.device = device

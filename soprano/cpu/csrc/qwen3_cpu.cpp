@@ -306,17 +306,38 @@ class ThreadPool {
   std::atomic<bool> waiting_{false};
 };
 
-// f(begin, end) over [0, count) in runs of `claim` on the kernels' threads (as many as
-// torch.set_num_threads says). f must not throw.
+// SOPRANO_OPENMP_LOOPS=1 runs the kernels' loops on OpenMP's threads (at::parallel_for, as many
+// as torch.set_num_threads says) instead of their own pool: to compare the two.
+bool openmp_loops() {
+  static const bool openmp = std::getenv("SOPRANO_OPENMP_LOOPS") != nullptr;
+  return openmp;
+}
+
+// The pool's thread count, for the whole process: 0 follows the calling thread's
+// at::get_num_threads() (torch.set_num_threads). A count of its own lets PyTorch's operators run
+// on fewer threads than the kernels' loops (soprano/cpu/threads.py says why).
+std::atomic<int64_t> g_threads{0};
+
+// How many threads the kernels' loops run on.
+int64_t kernel_threads() {
+  const int64_t threads = g_threads.load(std::memory_order_relaxed);
+  return threads > 0 && !openmp_loops() ? threads : at::get_num_threads();
+}
+
+void set_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 0, "threads must be 0 (follow torch) or positive, got ", threads);
+  g_threads.store(threads, std::memory_order_relaxed);
+}
+
+// f(begin, end) over [0, count) in runs of `claim` on the kernels' threads. f must not throw.
 template <typename F>
 void parallel_runs(int64_t count, int64_t claim, const F& f) {
-  static const bool openmp = std::getenv("SOPRANO_OPENMP_LOOPS") != nullptr;
-  if (openmp) {
+  if (openmp_loops()) {
     at::parallel_for(0, count, claim, f);
     return;
   }
   ThreadPool::instance().run(
-      count, claim, at::get_num_threads(),
+      count, claim, kernel_threads(),
       [](const void* context, int64_t begin, int64_t end) {
         (*static_cast<const F*>(context))(begin, end);
       },
@@ -478,7 +499,7 @@ void product_over_panels(const Input* x, int64_t x_stride, int64_t rows, const W
       }
     }
   };
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = kernel_threads();
   const int64_t claim = count / (threads * kClaimsPerThread) & ~int64_t{1};
   parallel_runs(count, std::max<int64_t>(2, claim), multiply);
 }
@@ -991,6 +1012,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("PANEL_WIDTH") = kPanelWidth;
   m.attr("VECTOR_WIDTH") = kLanes;
   m.attr("BF16_PRODUCTS") = kBf16Products;
+  m.attr("OPENMP_LOOPS") = openmp_loops();
+  m.def("set_threads", &set_threads,
+        "The pool's thread count for the whole process (0: torch's, per calling thread).");
+  m.def("threads", &kernel_threads, "How many threads the kernels' loops run on.");
   m.def("build_info", &build_info, "The ISA, CPU features and compiler this build targets.");
   m.def("empty_panels", &empty_panels, "A buffer for panels, on huge pages where possible.");
   m.def("pack", &pack, "Write a bf16 [n, k] weight into `out` as panels for `linear`.",
