@@ -117,11 +117,12 @@ def test_libgomp_gets_the_users_values():
 def restore_threads() -> Iterator[None]:
     """Puts back torch's thread count and the kernels' (where they are built)."""
     built = cpu_kernels()
-    threads = torch.get_num_threads(), None if built is None else built.threads()
+    torch_threads = torch.get_num_threads()
+    kernel_threads = built.threads() if built is not None else 0
     yield
-    torch.set_num_threads(threads[0])
-    if built is not None and threads[1] is not None:
-        built.set_threads(threads[1])
+    torch.set_num_threads(torch_threads)
+    if built is not None:
+        built.set_threads(kernel_threads)
 
 
 def test_the_kernels_gemm_is_the_same_for_any_thread_count(

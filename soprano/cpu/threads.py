@@ -14,8 +14,7 @@ Where the compiled kernels run the LM, `share_cores` gives their own pool the co
 PyTorch's operators (the decoder's convolutions and norms, the iSTFT) on the calling thread: a
 streaming chunk alternates between the two dozens of times, and two teams of threads, one
 spinning after its loop while the other's sleeping threads are woken, took turns on the same
-cores. Measured side by side idle: streaming 10–13% faster, 8 and 16 served streams 10–15%, and
-`infer_batch` of 16 no slower (docs/kernels.md, "Threads").
+cores (measured: docs/kernels.md, "Threads").
 """
 
 from __future__ import annotations
