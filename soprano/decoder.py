@@ -472,6 +472,11 @@ class StreamingDecoder:
         """Whether the frames added complete the next chunk."""
         return self._frames_in >= self._next_chunk_at
 
+    @property
+    def frames_until_due(self) -> int:
+        """Frames still to add before the next chunk is complete (0 when it is due)."""
+        return max(0, self._next_chunk_at - self._frames_in)
+
     def push(self, frame: Tensor) -> Tensor | None:
         """Add one [C] hidden state; return the next chunk of samples once it is complete."""
         self.add(frame)

@@ -338,3 +338,32 @@ def test_bfloat16_also_runs_the_decoder_on_bf16_products_where_the_cpu_has_them(
     (reference,) = exact.decoder.decode([frames])
     relative = (ours - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()
     assert relative < 0.01
+
+
+def test_a_generated_checkpoint_takes_a_given_tokenizer(tiny_checkpoint: Path, tmp_path: Path):
+    """A tokenizer with merges (as the published one has) makes shorter prompts; one whose
+    token ids are not Soprano's is refused (by the CLI with argparse's usage and one error line)."""
+    from soprano.testing.make_checkpoint import make_checkpoint
+
+    merged = json.loads((tiny_checkpoint / "tokenizer.json").read_text())
+    merged["model"]["vocab"]["th"] = 8191
+    merged["model"]["merges"] = [["t", "h"]]
+    (tmp_path / "merged.json").write_text(json.dumps(merged))
+    folder = make_checkpoint(tmp_path / "merged", tokenizer=tmp_path / "merged.json")
+    text = "the weather there."
+    characters = SopranoTTS(device="cpu", model_path=tiny_checkpoint, warmup=False)
+    pieces = SopranoTTS(device="cpu", model_path=folder, warmup=False)
+    assert len(pieces.tokenizer.encode(text)) == len(characters.tokenizer.encode(text)) - 3
+
+    del merged["model"]["vocab"]["[STOP]"]  # a tokenizer of another model
+    merged["added_tokens"] = [t for t in merged["added_tokens"] if t["content"] != "[STOP]"]
+    (tmp_path / "wrong.json").write_text(json.dumps(merged))
+    with pytest.raises(ValueError, match=r"\[STOP\] must have id 3"):
+        make_checkpoint(tmp_path / "wrong", tokenizer=tmp_path / "wrong.json")
+    command = [sys.executable, "-m", "soprano.testing.make_checkpoint", str(tmp_path / "cli")]
+    result = subprocess.run(
+        [*command, "--tokenizer", str(tmp_path / "wrong.json")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.endswith("[STOP] must have id 3 as in Soprano's vocabulary")

@@ -12,7 +12,7 @@ batch's shape, so there the audio is compared within PYTORCH_TOLERANCE instead.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +71,11 @@ def assert_same_audio(tts: SopranoTTS, actual: bytes, expected: bytes) -> None:
 
 
 class Received:
-    """What a job delivered: its chunks, and how it ended."""
+    """What a job delivered: its chunks (and, given a clock, when), and how it ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.clock = clock
+        self.arrivals: list[float] = []
         self.chunks: list[torch.Tensor] = []
         self.sentence_ends: list[int] = []
         """Samples delivered before each SENTENCE_END."""
@@ -83,6 +85,8 @@ class Received:
     def __call__(self, item: torch.Tensor | SentenceEnd | BaseException | None) -> None:
         if isinstance(item, torch.Tensor):
             self.chunks.append(item)
+            if self.clock is not None:
+                self.arrivals.append(self.clock())
         elif isinstance(item, SentenceEnd):
             self.sentence_ends.append(sum(len(chunk) for chunk in self.chunks))
         elif item is None:
@@ -94,9 +98,19 @@ class Received:
     def pcm(self) -> bytes:
         return to_pcm16(torch.cat(self.chunks)) if self.chunks else b""
 
+    @property
+    def ran_dry(self) -> bool:
+        """Whether a listener who plays from the first chunk on would have waited for one."""
+        played_out = self.arrivals[0]
+        for arrived, chunk in zip(self.arrivals, self.chunks, strict=True):
+            if arrived > played_out:
+                return True
+            played_out += len(chunk) / SAMPLE_RATE
+        return False
+
 
 def submit(scheduler: Scheduler, tts: SopranoTTS, text: str, **options: object) -> Received:
-    received = Received()
+    received = Received(scheduler.clock)
     sentences = [(s, tts.tokenizer.encode(s)) for s in prepare_text(text)]
     params = options.pop("params", GREEDY)
     scheduler.submit(sentences, params, SCHEDULE, received, **options)  # type: ignore[arg-type]
@@ -220,6 +234,28 @@ def test_a_request_nobody_reads_pauses_while_others_go_on(tts: SopranoTTS) -> No
     assert_same_audio(tts, read.pcm, solo(tts, SENTENCE))
 
 
+def test_later_sentences_run_ahead_only_as_far_as_the_buffer(tts: SopranoTTS) -> None:
+    """A reader that takes every chunk at once: the later sentences, whose audio waits for the
+    first one's end, stop once that held audio fills the buffer (instead of all of their 23
+    tokens each), and never stall the sentence being spoken."""
+    limit = 6 * TOKEN_SAMPLES
+    largest_chunk = SCHEDULE.largest * TOKEN_SAMPLES
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16, max_buffered_samples=limit)
+    text = " ".join(OTHERS[:3])
+    received = submit(scheduler, tts, text)
+    (job,) = scheduler.jobs
+    most_held = 0
+    for _ in range(3 * TOKENS):
+        if received.ended:
+            break
+        scheduler.step()
+        job.consumed_samples = job.produced_samples
+        most_held = max(most_held, job.held_samples)
+    assert received.ended
+    assert limit <= most_held <= limit + 2 * largest_chunk < 2 * (TOKENS - 1) * TOKEN_SAMPLES
+    assert_same_audio(tts, received.pcm, solo(tts, text))
+
+
 class PoisonedBatch(SequenceBatch):
     """The real batch, failing every step that holds the poisoned prompt."""
 
@@ -320,19 +356,101 @@ def test_a_failed_request_raises_in_its_reader(tts: SopranoTTS) -> None:
         service.close()
 
 
-def test_a_burst_of_requests_starts_a_few_prompts_a_step(tts: SopranoTTS) -> None:
-    """The first request of a burst speaks before the last one's prompt is even read, and the
-    staggered start changes no request's audio."""
-    (prompt,) = [tts.tokenizer.encode(s) for s in prepare_text(OTHERS[0])]
-    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16, prefill_budget=len(prompt))
+def test_a_burst_of_requests_starts_in_one_step_while_nobody_plays(tts: SopranoTTS) -> None:
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16)
     burst = [submit(scheduler, tts, text) for text in OTHERS[:4]]
-    while not burst[0].chunks:
-        scheduler.step()
-    last_job = scheduler.jobs[-1]
-    assert not burst[-1].chunks and last_job.served_tokens <= 2
+    scheduler.step()
+    assert [job.served_tokens for job in scheduler.jobs] == [1, 1, 1, 1]
     run(scheduler)
     for received, text in zip(burst, OTHERS[:4], strict=True):
         assert_same_audio(tts, received.pcm, solo(tts, text))
+
+
+class SimulatedClock:
+    """Time that passes only as a TimedBatch computes, so that a test decides what steps cost."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedBatch(SequenceBatch):
+    """The real batch on a simulated machine: a step takes `step_seconds`, and
+    `prompt_token_seconds` more for each prompt token it prefills."""
+
+    def __init__(
+        self,
+        inner: SequenceBatch,
+        clock: SimulatedClock,
+        step_seconds: float,
+        prompt_token_seconds: float,
+    ) -> None:
+        self.inner = inner
+        self.clock = clock
+        self.step_seconds = step_seconds
+        self.prompt_token_seconds = prompt_token_seconds
+        self.prompt_tokens = 0
+
+    def add(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        self.prompt_tokens += len(prompt)
+        return self.inner.add(prompt, params)
+
+    def step(self, keys: Sequence[int]) -> list[Step]:
+        self.clock.now += self.step_seconds + self.prompt_tokens * self.prompt_token_seconds
+        self.prompt_tokens = 0
+        return self.inner.step(keys)
+
+    def remove(self, key: int) -> None:
+        self.inner.remove(key)
+
+
+def simulated_scheduler(tts: SopranoTTS) -> Scheduler:
+    """Steps of 5 ms, and 2 ms a prompt token: a prompt's prefill (about 60 tokens) takes longer
+    than the first chunk (one token, 64 ms) plays."""
+    clock = SimulatedClock()
+    scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16, clock=clock)
+    scheduler._batch = TimedBatch(scheduler._batch, clock, 0.005, 0.002)
+    return scheduler
+
+
+def test_a_prompt_waits_until_the_playing_streams_can_afford_its_prefill(
+    tts: SopranoTTS,
+) -> None:
+    scheduler = simulated_scheduler(tts)
+    playing = submit(scheduler, tts, SENTENCE)
+    while not playing.chunks:
+        scheduler.step()
+    late = submit(scheduler, tts, OTHERS[0])
+    scheduler.step()
+    assert scheduler.jobs[-1].served_tokens == 0, "its prefill would outlast the audio sent"
+    while not late.chunks:
+        scheduler.step()
+    assert not playing.ended, "it starts while the first request still speaks"
+    run(scheduler)
+    assert not playing.ran_dry and not late.ran_dry
+    assert_same_audio(tts, playing.pcm, solo(tts, SENTENCE))
+    assert_same_audio(tts, late.pcm, solo(tts, OTHERS[0]))
+
+
+def test_a_prompt_waits_for_work_elsewhere_unless_nothing_else_would_run(
+    tts: SopranoTTS,
+) -> None:
+    """`allowance_elsewhere` (another voice's playing requests) holds prompts back like this
+    scheduler's own, but never stalls a scheduler that has nothing else to run."""
+    scheduler = simulated_scheduler(tts)
+    first = submit(scheduler, tts, SENTENCE)
+    scheduler.step(allowance_elsewhere=0.0)
+    assert scheduler.jobs[0].served_tokens == 1, "nothing else would run: it starts anyway"
+    second = submit(scheduler, tts, OTHERS[0])
+    scheduler.step(allowance_elsewhere=0.0)
+    assert scheduler.jobs[1].served_tokens == 0
+    scheduler.step()
+    assert scheduler.jobs[1].served_tokens == 1, "nothing plays here: it starts"
+    run(scheduler)
+    assert_same_audio(tts, first.pcm, solo(tts, SENTENCE))
+    assert_same_audio(tts, second.pcm, solo(tts, OTHERS[0]))
 
 
 def test_a_request_for_a_voice_the_service_lacks_is_refused(tts: SopranoTTS) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -104,13 +105,18 @@ def tasks(settings: Settings) -> list[Task]:
     ]
 
 
-def ensure_checkpoint(folder: Path = CACHE_DIR / "soprano-1.1-80m-random") -> Path:
-    """Build the full-size random checkpoint once; later runs reuse it."""
+def ensure_checkpoint(tokenizer: Path | None = None) -> Path:
+    """Build the full-size random checkpoint once (with `tokenizer`, e.g. the published one,
+    instead of the character-level one: its own folder, the same weights); later runs reuse it."""
     from soprano.testing.make_checkpoint import make_checkpoint
 
+    name = "soprano-1.1-80m-random"
+    if tokenizer is not None:
+        name += "-" + hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()[:12]
+    folder = CACHE_DIR / name
     if not (folder / "decoder.pth").is_file():
         partial = folder.with_name(folder.name + ".partial")
-        make_checkpoint(partial, size="full", seed=0, stop_scale=0.0)
+        make_checkpoint(partial, size="full", seed=0, stop_scale=0.0, tokenizer=tokenizer)
         partial.rename(folder)
     return folder
 

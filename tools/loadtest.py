@@ -38,8 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark import ensure_checkpoint
 
+from soprano.checkpoint import TOKENIZER_FILE
 from soprano.constants import SAMPLE_RATE, SAMPLE_WIDTH, TOKENS_PER_SECOND
 from soprano.serving import DEFAULT_MAX_CHUNK_TOKENS
+from soprano.text import prepare_text
+from soprano.tokenizer import PromptTokenizer
 
 BUFFER_SECONDS = 0.2
 """Playback starts this long after the first chunk arrives."""
@@ -170,10 +173,19 @@ def summarise(replies: list[Reply], solo: dict[int, bytes] | None) -> dict[str, 
     return summary
 
 
-def engine_reference(tokens: int, repeats: int, dtype: str | None) -> dict[str, float]:
+def prompt_tokens(checkpoint: Path, text: str) -> int:
+    """How long the prompts of `text` are with the checkpoint's tokenizer."""
+    tokenizer = PromptTokenizer(checkpoint / TOKENIZER_FILE)
+    return sum(len(tokenizer.encode(s)) for s in prepare_text(text))
+
+
+def engine_reference(
+    tokens: int, repeats: int, dtype: str | None, tokenizer: Path | None
+) -> dict[str, float]:
     """The engine's own speeds, measured in a process of their own before any server runs."""
     command = [sys.executable, __file__, "--engine-only", "--tokens", str(tokens)]
     command += ["--repeats", str(repeats)] + (["--dtype", dtype] if dtype else [])
+    command += ["--tokenizer", str(tokenizer)] if tokenizer else []
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
@@ -215,10 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-clients", default="1,4,8")
     parser.add_argument("--dtype", default=None, help="the servers' --dtype")
     parser.add_argument("--repeats", type=int, default=3, help="for the engine reference")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a tokenizer.json for the checkpoint (the published one gives the real prompt "
+        "lengths; default: the generator's character-level one, prompts about 1.45× as long)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    checkpoint = ensure_checkpoint()
+    checkpoint = ensure_checkpoint(args.tokenizer)
     if args.engine_only:
         measure_engine(checkpoint, args.tokens, args.repeats, args.dtype)
         return 0
@@ -229,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": args.tokens,
         "dtype": args.dtype or "float32",
         "load_average_at_start": os.getloadavg()[0],
-        "engine": engine_reference(args.tokens, args.repeats, args.dtype),
+        "prompt_tokens": prompt_tokens(checkpoint, sentence(0)),
+        "engine": engine_reference(args.tokens, args.repeats, args.dtype, args.tokenizer),
         "wyoming": {},
         "http": {},
     }
@@ -293,7 +313,8 @@ def table(report: dict[str, Any]) -> str:
     seconds = report["tokens"] / TOKENS_PER_SECOND
     lines = [
         f"{report['tokens']} tokens a sentence ({seconds:.1f} s of audio), "
-        f"dtype {report['dtype']}, load average at the start {report['load_average_at_start']:.2f}",
+        f"the first client's prompt {report['prompt_tokens']} tokens, dtype {report['dtype']}, "
+        f"load average at the start {report['load_average_at_start']:.2f}",
         "",
         "engine alone: infer_stream × real time {:.1f} (one-token chunks), {:.1f} (growing "
         "chunks); infer {:.1f}".format(

@@ -5,15 +5,22 @@ the LM (a sentence that starts brings its prompt into that same forward), and de
 pass of the decoder, the streamed chunks that those tokens completed. Sentences join and leave
 between any two steps; a sentence that is not picked keeps its KV cache and waits.
 
-A step admits new sentences up to PREFILL_TOKENS_PER_STEP prompt tokens, so a burst of
-requests starts over a few steps instead of stalling everyone in one long step.
+Admission keeps playing streams playing: a sentence's prompt is prefilled in the step it starts,
+and a step that carries prompts takes longer (prefill is compute-bound). So a step admits prompts
+only as far as every request that is playing can afford: each is assumed to play its audio in
+real time from its first chunk, and its next chunk must still arrive before the audio so far has
+played out (`StepCosts` learns what a step and a prompt token cost here). While nobody is playing
+(a burst of requests), every waiting prompt starts at once: nobody hears the prefill, and the
+whole burst gets its first audio soonest.
 
 Who gets a row (fairness): a request's sentences are spoken in order, so the sentence each
 request is speaking now comes first, then the next sentence of each, and so on; between
 requests at the same depth, the one served least so far goes first (a deficit round robin), so a
 long text cannot starve a short one, and more requests than rows take turns. A request whose
 consumer has not taken `max_buffered_samples` of its audio gets no rows until it does
-(backpressure: a client that stops reading stops its generation).
+(backpressure: a client that stops reading stops its generation). A request's later sentences
+run ahead while it speaks, their audio held until their turn, only until that held audio and its
+unread audio fill the same buffer; the sentence it is speaking never waits for them.
 
 Exactness: the rows of a step are computed independently of each other (soprano/cpu/csrc, and
 `decode_streams`), and each sentence's chunks follow its own `ChunkSchedule`, never the load.
@@ -27,22 +34,23 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from soprano.constants import RECEPTIVE_FIELD, SAMPLE_RATE
 from soprano.decoder import ChunkSchedule, SopranoDecoder, StreamingDecoder, decode_streams
 from soprano.hallucination import looks_hallucinated, warn_cut
 from soprano.lm import LanguageModel, SamplingParams, SequenceBatch, Step
 
 _LOGGER = logging.getLogger(__name__)
 
-PREFILL_TOKENS_PER_STEP = 192
-"""Prompt tokens that may join one step (at least one prompt always does). A prompt's prefill is
-compute-bound, about 0.8 ms a token on two cores, so a burst of new requests admitted all at
-once would stall every running stream for a second; two typical prompts a step cost one
-step's worth of audio at most, and the first requests of a burst start speaking sooner."""
+COST_SMOOTHING = 0.25
+"""Weight of the newest step in StepCosts' running averages: they follow a change of load within
+a few steps, and one slow step (another process took a core) moves them only a quarter."""
 
 JobEnd = None
 """Delivered after a job's last chunk."""
@@ -77,6 +85,31 @@ class _Sentence:
     """All its audio is delivered."""
 
 
+@dataclass
+class StepCosts:
+    """What a step costs on this machine, learnt from the steps so far: the running rows' own
+    step (one token each and the decoder chunks that fall due) and each prompt token that a
+    starting sentence brings. None until measured."""
+
+    step_seconds: float | None = None
+    prompt_token_seconds: float | None = None
+
+    def observe(self, prompt_tokens: int, running_rows: int, seconds: float) -> None:
+        if not prompt_tokens:
+            self.step_seconds = _average(self.step_seconds, seconds)
+            return
+        rows_seconds = (self.step_seconds or 0.0) if running_rows else 0.0
+        per_token = max(0.0, seconds - rows_seconds) / prompt_tokens
+        self.prompt_token_seconds = _average(self.prompt_token_seconds, per_token)
+
+    def prefill_seconds(self, prompt_tokens: int) -> float:
+        return prompt_tokens * (self.prompt_token_seconds or 0.0)
+
+
+def _average(average: float | None, value: float) -> float:
+    return value if average is None else average + COST_SMOOTHING * (value - average)
+
+
 class Job:
     """One request: sentences spoken in order as one stream of audio chunks."""
 
@@ -87,14 +120,25 @@ class Job:
         schedule: ChunkSchedule,
         retries: int,
         deliver: Delivery,
+        clock: Callable[[], float],
+        speed: float = 1.0,
     ) -> None:
         self.number = number
         self.sentences = sentences
         self.schedule = schedule
         self.retries = retries
         self._deliver = deliver
+        self._clock = clock
+        self.speed = speed
+        """How fast its consumer plays the engine's audio (effects may stretch it)."""
+        self.playing_since: float | None = None
+        """When its first audio was delivered: a listener is assumed to play from then on."""
+        self.played_seconds = 0.0
+        """Playing time of the audio delivered so far."""
         self.served_tokens = 0
         self.produced_samples = 0
+        self.held_samples = 0
+        """Made but not yet delivered: later sentences wait for the ones before them."""
         self.silence_samples = 0
         """Pauses added by the serving layer, counted in produced_samples for backpressure."""
         self.consumed_samples = 0
@@ -106,12 +150,44 @@ class Job:
 
     @property
     def buffered_samples(self) -> int:
+        """Delivered and not yet taken by the consumer."""
         return self.produced_samples - self.consumed_samples
 
+    def slack(self, now: float) -> float | None:
+        """Seconds until a listener who plays in real time has heard everything delivered;
+        None before the first audio."""
+        if self.playing_since is None:
+            return None
+        return self.playing_since + self.played_seconds - now
+
+    def add_silence(self, samples: int) -> None:
+        """Count a pause of `samples` engine samples that the serving layer delivered itself: it
+        plays like audio and counts toward backpressure."""
+        self._produced(samples, samples / SAMPLE_RATE)
+        self.silence_samples += samples
+
+    def _produced(self, samples: int, seconds: float) -> None:
+        if self.playing_since is None:
+            self.playing_since = self._clock()
+        self.produced_samples += samples
+        self.played_seconds += seconds
+
     def _send(self, item: torch.Tensor | SentenceEnd | BaseException | None) -> None:
-        if isinstance(item, torch.Tensor):
-            self.produced_samples += len(item)
+        if isinstance(item, torch.Tensor) and len(item):
+            self._produced(len(item), len(item) / (SAMPLE_RATE * self.speed))
         self._deliver(item)
+
+    def steps_to_next_chunk(self) -> int:
+        """Steps until the sentence it is speaking delivers its next chunk (a sentence that has
+        yet to start needs its first chunk's tokens; one held for retries is taken as ready
+        at its next chunk too)."""
+        for sentence in self.sentences:
+            if sentence.released:
+                continue
+            if sentence.key is None or sentence.decoder is None:
+                return RECEPTIVE_FIELD + self.schedule.first
+            return max(1, sentence.decoder.frames_until_due)
+        return 0
 
 
 class Scheduler:
@@ -123,7 +199,7 @@ class Scheduler:
         decoder: SopranoDecoder,
         max_batch_size: int,
         max_buffered_samples: int | None = None,
-        prefill_budget: int = PREFILL_TOKENS_PER_STEP,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -131,7 +207,8 @@ class Scheduler:
         self.decoder = decoder
         self.max_batch_size = max_batch_size
         self.max_buffered_samples = max_buffered_samples
-        self.prefill_budget = prefill_budget
+        self.clock = clock
+        self.costs = StepCosts()
         self.jobs: list[Job] = []
         self._batch: SequenceBatch = lm.open_batch()
         self._numbers = itertools.count()
@@ -143,8 +220,10 @@ class Scheduler:
         schedule: ChunkSchedule,
         deliver: Delivery,
         retries: int = 0,
+        speed: float = 1.0,
     ) -> Job:
-        """Queue a request of (sentence, prompt) pairs; its audio goes to `deliver`.
+        """Queue a request of (sentence, prompt) pairs; its audio goes to `deliver`, to be
+        played at `speed`.
 
         With `retries`, each sentence's audio is held until the sentence is done, and one that
         looks hallucinated is generated again (with the next seed) up to that many times.
@@ -155,6 +234,8 @@ class Scheduler:
             schedule,
             retries,
             deliver,
+            self.clock,
+            speed,
         )
         self.jobs.append(job)
         self._release(job)
@@ -173,11 +254,34 @@ class Scheduler:
         """Whether `step` has work: a cancelled job to end, or one that may take a row."""
         return any(job.cancelled or self._may_run(job) for job in self.jobs)
 
-    def step(self) -> None:
-        """Advance the chosen sentences by one token and deliver the audio they completed."""
+    def prefill_allowance(self) -> float:
+        """Seconds that prompts may add to the next step before a playing request would run
+        dry: each must get its next chunk, `steps_to_next_chunk` steps away, before its audio
+        so far has played out. Unbounded while nobody plays. A request already behind (its
+        listener would have run dry, or its reader lags) has nothing left to keep and does not
+        count; one paused for backpressure has audio enough."""
+        now = self.clock()
+        step_seconds = self.costs.step_seconds or 0.0
+        allowance = math.inf
+        for job in self.jobs:
+            slack = job.slack(now)
+            if slack is None or slack <= 0 or job.paused or job.finished:
+                continue
+            allowance = min(allowance, slack - job.steps_to_next_chunk() * step_seconds)
+        return allowance
+
+    def step(self, allowance_elsewhere: float = math.inf) -> None:
+        """Advance the chosen sentences by one token and deliver the audio they completed.
+
+        `allowance_elsewhere`: the prefill allowance of other work that waits for this step
+        (another voice's requests on the same engine thread).
+        """
+        started = self.clock()
         for job in [job for job in self.jobs if job.cancelled]:
             self.cancel(job)
-        chosen = self._choose()
+        chosen = self._choose(min(self.prefill_allowance(), allowance_elsewhere))
+        prompt_tokens = sum(len(s.prompt) for _, s in chosen if s.key is None)
+        running_rows = len(chosen) - sum(1 for _, s in chosen if s.key is None)
         for job, sentence in chosen:
             if sentence.key is None and not job.finished:
                 try:
@@ -201,6 +305,8 @@ class Scheduler:
         for job in dict.fromkeys(job for job, _ in chosen):
             if not job.finished:
                 self._release(job)
+        if chosen and failed is None:
+            self.costs.observe(prompt_tokens, running_rows, self.clock() - started)
 
     def _advance(self, rows: list[tuple[Job, _Sentence]]) -> Exception | None:
         """One LM step and decoder pass for `rows`; the exception if it failed."""
@@ -230,26 +336,43 @@ class Scheduler:
             )
         return not held
 
-    def _choose(self) -> list[tuple[Job, _Sentence]]:
-        """The rows of this step: by depth in their request, then least served first."""
+    def _ran_ahead(self, job: Job) -> bool:
+        """Whether the audio of its later sentences, held until their turn, and its unread audio
+        fill the buffer: then only the sentence it is speaking may go on (held audio counts,
+        so sentences cannot run ahead without bound; it never stops the sentence the consumer
+        waits for)."""
+        limit = self.max_buffered_samples
+        return limit is not None and job.buffered_samples + job.held_samples >= limit
+
+    def _choose(self, allowance: float) -> list[tuple[Job, _Sentence]]:
+        """The rows of this step: by depth in their request, then least served first; prompts
+        within `allowance` seconds of prefill (the first waiting one anyway if nothing else
+        would run)."""
         candidates = []
         for job in self.jobs:
             if not self._may_run(job):
                 continue
-            waiting = (s for s in job.sentences if not s.done)
-            for depth, sentence in enumerate(waiting):
+            unfinished = [s for s in job.sentences if not s.done]
+            if self._ran_ahead(job):
+                unfinished = unfinished[:1]
+            for depth, sentence in enumerate(unfinished):
                 candidates.append((depth, job.served_tokens, job.number, job, sentence))
         candidates.sort(key=lambda c: c[:3])
         chosen: list[tuple[Job, _Sentence]] = []
+        first_waiting: tuple[Job, _Sentence] | None = None
         prefill = 0
         for *_, job, sentence in candidates:
             if len(chosen) == self.max_batch_size:
                 break
             if sentence.key is None:  # it starts: its prompt joins this step's forward
-                if chosen and prefill + len(sentence.prompt) > self.prefill_budget:
+                tokens = prefill + len(sentence.prompt)
+                if self.costs.prefill_seconds(tokens) > allowance:
+                    first_waiting = first_waiting or (job, sentence)
                     continue
-                prefill += len(sentence.prompt)
+                prefill = tokens
             chosen.append((job, sentence))
+        if not chosen and first_waiting is not None:
+            chosen.append(first_waiting)
         for job, _ in chosen:
             job.served_tokens += 1
         return chosen
@@ -274,6 +397,7 @@ class Scheduler:
         ):
             if len(chunk):
                 sentence.held.append(chunk)
+                job.held_samples += len(chunk)
             if step.last:
                 self._end_sentence(job, sentence, step)
 
@@ -288,6 +412,7 @@ class Scheduler:
             seed = sentence.params.seed
             if seed is not None:
                 sentence.params = replace(sentence.params, seed=seed + 1)
+            job.held_samples -= sum(len(chunk) for chunk in sentence.held)
             sentence.held.clear()
             sentence.frames.clear()
             return
@@ -302,6 +427,7 @@ class Scheduler:
             if job.retries and not sentence.done:
                 return
             for chunk in sentence.held:
+                job.held_samples -= len(chunk)
                 job._send(chunk)
             sentence.held.clear()
             if not sentence.done:

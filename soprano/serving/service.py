@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -291,7 +292,12 @@ class SpeechService:
         prompts = [(text, tokenizer.encode(text)) for text in sentences]
         audio = audio or AudioOptions()
         stream = SpeechStream(self, audio.sample_rate)
-        options = {"params": sampling, "schedule": schedule, "retries": retries}
+        options = {
+            "params": sampling,
+            "schedule": schedule,
+            "retries": retries,
+            "speed": audio.effects.speed,
+        }
         with self._wake:
             if self._closed:
                 raise ServerBusyError("the server is shutting down")
@@ -332,12 +338,17 @@ class SpeechService:
                 inbox, self._inbox = self._inbox, []
             for stream, voice, prompts, audio, options in inbox:
                 self._start(stream, schedulers[voice], prompts, audio, options)
-            for scheduler in schedulers.values():
+            for name, scheduler in schedulers.items():
                 if scheduler.runnable:
-                    scheduler.step()
+                    scheduler.step(self._allowance_beside(name))
         for scheduler in schedulers.values():
             for job in list(scheduler.jobs):
                 scheduler.cancel(job)
+
+    def _allowance_beside(self, voice: str) -> float:
+        """The other voices' prefill allowance: their requests wait for this voice's step."""
+        others = (s.prefill_allowance() for n, s in self._schedulers.items() if n != voice)
+        return min(others, default=math.inf)
 
     def _runnable(self) -> bool:
         return any(scheduler.runnable for scheduler in self._schedulers.values())
@@ -361,8 +372,7 @@ class SpeechService:
             samples = round(silence.seconds * SAMPLE_RATE)
             job = stream.job
             if job is not None:
-                job.produced_samples += samples
-                job.silence_samples += samples
+                job.add_silence(samples)
             stream._deliver((_tensor(silence.audio), samples if job is not None else 0))
 
         def deliver(item: torch.Tensor | SentenceEnd | BaseException | None) -> None:

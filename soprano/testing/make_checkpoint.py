@@ -5,6 +5,11 @@ one, so the whole pipeline runs end to end on them. `full` has the Soprano-1.1-8
 (for benchmarks); `tiny` is small enough for unit tests.
 
     python -m soprano.testing.make_checkpoint OUT [--size tiny|full] [--decoder 1.1|80m] [--seed N]
+        [--stop-scale S] [--tokenizer tokenizer.json]
+
+Its own tokenizer is character-level (the published vocabulary's single characters), so prompts
+are about 1.45× as long as the real model's; `--tokenizer` takes the published tokenizer.json
+instead where one is at hand, for benchmarks whose prefill should be the real one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +33,9 @@ from soprano.checkpoint import (
 )
 from soprano.constants import AUDIO_CODES, AUDIO_TOKEN_OFFSET, START_ID, STOP_ID, TEXT_ID, UNK_ID
 from soprano.decoder import SopranoDecoder
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 TEXT_CHARACTERS = " !\"$%&'*+,-./0123456789<>?_abcdefghijklmnopqrstuvwxyz"
 """The single characters of the published vocabulary (docs/checkpoint.md), not its 135 merges."""
@@ -94,8 +103,10 @@ def make_checkpoint(
     seed: int = 0,
     stop_scale: float | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    tokenizer: Path | None = None,
 ) -> Path:
-    """Write config, weights, tokenizer and decoder.pth to `out` and return it."""
+    """Write config, weights, tokenizer and decoder.pth to `out` and return it. `tokenizer`: a
+    tokenizer.json with the published special and audio token ids to use instead of our own."""
     from safetensors.torch import save_file
 
     if size not in LM_SIZES:
@@ -103,6 +114,7 @@ def make_checkpoint(
     if (size, decoder) not in DECODER_SIZES:
         raise ValueError(f"decoder must be '1.1' or '80m', got {decoder!r}")
     config = LM_SIZES[size]
+    tokenizer_json = None if tokenizer is None else _compatible_tokenizer(Path(tokenizer))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
@@ -137,8 +149,22 @@ def make_checkpoint(
         out / "generation_config.json",
         {"_from_model_config": True, "bos_token_id": STOP_ID, "eos_token_id": STOP_ID},
     )
-    _write_tokenizer(out)
+    _write_tokenizer(out, tokenizer_json)
     return out
+
+
+def _compatible_tokenizer(path: Path) -> str:
+    """The text of a tokenizer.json whose special and audio tokens have the published ids."""
+    from tokenizers import Tokenizer
+
+    text = path.read_text(encoding="utf-8")
+    loaded = Tokenizer.from_str(text)
+    expected = {"[UNK]": UNK_ID, "[TEXT]": TEXT_ID, "[START]": START_ID, "[STOP]": STOP_ID}
+    expected |= {f"[{code}]": code + AUDIO_TOKEN_OFFSET for code in (0, AUDIO_CODES - 1)}
+    for token, token_id in expected.items():
+        if loaded.token_to_id(token) != token_id:
+            raise ValueError(f"{path}: {token} must have id {token_id} as in Soprano's vocabulary")
+    return text
 
 
 def _config_json(config: LMConfig, dtype: torch.dtype) -> dict:
@@ -172,8 +198,29 @@ def _config_json(config: LMConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def _write_tokenizer(out: Path) -> None:
-    """A character-level tokenizer with the published special and audio token ids."""
+def _write_tokenizer(out: Path, tokenizer_json: str | None = None) -> None:
+    """`tokenizer_json`, or a character-level tokenizer with the published special and audio
+    token ids, and the files that describe it."""
+    if tokenizer_json is None:
+        _character_tokenizer().save(str(out / TOKENIZER_FILE))
+    else:
+        (out / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "model_max_length": 2048,
+            "padding_side": "left",
+            "pad_token": "[STOP]",
+            "unk_token": "[UNK]",
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+        },
+    )
+    _write_json(out / "special_tokens_map.json", {"pad_token": "[STOP]"})
+
+
+def _character_tokenizer() -> Tokenizer:
+    """The published special and audio token ids, and the vocabulary's single characters."""
     from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
     specials = {"[UNK]": UNK_ID, "[TEXT]": TEXT_ID, "[START]": START_ID, "[STOP]": STOP_ID}
@@ -197,19 +244,7 @@ def _write_tokenizer(out: Path) -> None:
         [AddedToken(t, special=True, normalized=False) for t, _ in ordered]
     )
     tokenizer.enable_padding(direction="left", pad_id=STOP_ID, pad_token="[STOP]")
-    tokenizer.save(str(out / TOKENIZER_FILE))
-    _write_json(
-        out / "tokenizer_config.json",
-        {
-            "model_max_length": 2048,
-            "padding_side": "left",
-            "pad_token": "[STOP]",
-            "unk_token": "[UNK]",
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "clean_up_tokenization_spaces": False,
-        },
-    )
-    _write_json(out / "special_tokens_map.json", {"pad_token": "[STOP]"})
+    return tokenizer
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -233,8 +268,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="scale of the [STOP] row of lm_head (default: tiny 2.5, full 0)",
     )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a tokenizer.json with Soprano's token ids (the published one) to use instead of "
+        "the character-level one",
+    )
     args = parser.parse_args(argv)
-    path = make_checkpoint(args.out, args.size, args.decoder, args.seed, args.stop_scale)
+    try:
+        path = make_checkpoint(
+            args.out, args.size, args.decoder, args.seed, args.stop_scale, tokenizer=args.tokenizer
+        )
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     print(path, file=sys.stderr)
     return 0
 
