@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from soprano.serving import (
     SpeechService,
     SynthesisError,
 )
-from soprano.serving.scheduler import Scheduler, SentenceEnd
+from soprano.serving.scheduler import MAX_ADMISSION_WAIT, Scheduler, SentenceEnd
 from soprano.text import prepare_text
 
 TOKENS = 24
@@ -406,12 +407,14 @@ class TimedBatch(SequenceBatch):
         self.inner.remove(key)
 
 
-def simulated_scheduler(tts: SopranoTTS) -> Scheduler:
-    """Steps of 5 ms, and 2 ms a prompt token: a prompt's prefill (about 60 tokens) takes longer
-    than the first chunk (one token, 64 ms) plays."""
+def simulated_scheduler(
+    tts: SopranoTTS, step_seconds: float = 0.005, prompt_token_seconds: float = 0.002
+) -> Scheduler:
+    """By default steps of 5 ms, and 2 ms a prompt token: a prompt's prefill (about 60 tokens)
+    takes longer than the first chunk (one token, 64 ms) plays."""
     clock = SimulatedClock()
     scheduler = Scheduler(tts.lm, tts.decoder, max_batch_size=16, clock=clock)
-    scheduler._batch = TimedBatch(scheduler._batch, clock, 0.005, 0.002)
+    scheduler._batch = TimedBatch(scheduler._batch, clock, step_seconds, prompt_token_seconds)
     return scheduler
 
 
@@ -432,6 +435,27 @@ def test_a_prompt_waits_until_the_playing_streams_can_afford_its_prefill(
     assert not playing.ran_dry and not late.ran_dry
     assert_same_audio(tts, playing.pcm, solo(tts, SENTENCE))
     assert_same_audio(tts, late.pcm, solo(tts, OTHERS[0]))
+
+
+def test_a_request_that_waited_long_enough_starts_anyway(tts: SopranoTTS) -> None:
+    """A prefill of seconds (50 ms a prompt token): the playing request's slack would pay for it
+    only after about as long, so the new one starts after MAX_ADMISSION_WAIT instead."""
+    step_seconds = 0.03
+    scheduler = simulated_scheduler(tts, step_seconds, prompt_token_seconds=0.05)
+    long_sentence = replace(GREEDY, max_new_tokens=3 * TOKENS)
+    playing = submit(scheduler, tts, SENTENCE, params=long_sentence)
+    while not playing.chunks:
+        scheduler.step()
+    submit(scheduler, tts, OTHERS[0])
+    late_job = scheduler.jobs[-1]
+    submitted = scheduler.clock()
+    while late_job.served_tokens == 0:
+        before_step = scheduler.clock()
+        scheduler.step()
+    waited = before_step - submitted
+    assert MAX_ADMISSION_WAIT <= waited < MAX_ADMISSION_WAIT + step_seconds + 1e-9
+    assert not playing.ended
+    run(scheduler)
 
 
 def test_a_prompt_waits_for_work_elsewhere_unless_nothing_else_would_run(
