@@ -360,6 +360,8 @@ def test_a_generated_checkpoint_takes_a_given_tokenizer(tiny_checkpoint: Path, t
     (tmp_path / "wrong.json").write_text(json.dumps(merged))
     with pytest.raises(ValueError, match=r"\[STOP\] must have id 3"):
         make_checkpoint(tmp_path / "wrong", tokenizer=tmp_path / "wrong.json")
+    with pytest.raises(ValueError, match=r"is not a tokenizer\.json"):
+        make_checkpoint(tmp_path / "text", tokenizer=tiny_checkpoint / "config.json")
     command = [sys.executable, "-m", "soprano.testing.make_checkpoint", str(tmp_path / "cli")]
     result = subprocess.run(
         [*command, "--tokenizer", str(tmp_path / "wrong.json")], capture_output=True, text=True

@@ -158,7 +158,10 @@ def _compatible_tokenizer(path: Path) -> str:
     from tokenizers import Tokenizer
 
     text = path.read_text(encoding="utf-8")
-    loaded = Tokenizer.from_str(text)
+    try:
+        loaded = Tokenizer.from_str(text)
+    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{path} is not a tokenizer.json: {error}") from error
     expected = {"[UNK]": UNK_ID, "[TEXT]": TEXT_ID, "[START]": START_ID, "[STOP]": STOP_ID}
     expected |= {f"[{code}]": code + AUDIO_TOKEN_OFFSET for code in (0, AUDIO_CODES - 1)}
     for token, token_id in expected.items():
