@@ -137,7 +137,7 @@ async def http_reply(client: Any, port: int, text: str, tokens: int) -> Reply:
     return reply
 
 
-async def http_together(port: int, count: int, tokens: int) -> list[Reply]:
+async def http_together(port: int, count: int, tokens: int, stagger: float) -> list[Reply]:
     """`count` requests at once through one client, made before any clock starts: each new
     httpx client loads a TLS context, about 40 ms of CPU that would otherwise be taken from the
     server, and block the other requests' reading, within the burst (first bytes 0.1–0.4 s
@@ -146,7 +146,7 @@ async def http_together(port: int, count: int, tokens: int) -> list[Reply]:
 
     limits = httpx.Limits(max_connections=count)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        return await _together(partial(http_reply, client, tokens=tokens), port, count)
+        return await _together(partial(http_reply, client, tokens=tokens), port, count, stagger)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -234,9 +234,18 @@ def main(argv: list[str] | None = None) -> int:
         help="a tokenizer.json for the checkpoint (the published one gives the real prompt "
         "lengths; default: the generator's character-level one, prompts about 1.45× as long)",
     )
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="seconds between one client's request and the next's (default 0: all at once); "
+        "later clients then join streams that already play",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.stagger >= 0:
+        parser.error("--stagger must be at least 0")
     checkpoint = ensure_checkpoint(args.tokenizer)
     if args.engine_only:
         measure_engine(checkpoint, args.tokens, args.repeats, args.dtype)
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "tokens": args.tokens,
         "dtype": args.dtype or "float32",
+        "stagger_seconds": args.stagger,
         "load_average_at_start": os.getloadavg()[0],
         "prompt_tokens": prompt_tokens(checkpoint, sentence(0)),
         "engine": engine_reference(args.tokens, args.repeats, args.dtype, args.tokenizer),
@@ -272,12 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         for count in wyoming_counts:
             for mode in modes:
                 _log(f"wyoming, {count} client(s), {mode}…")
-                replies = asyncio.run(_together(wyoming_reply, ports[mode][0], count))
+                replies = asyncio.run(_together(wyoming_reply, ports[mode][0], count, args.stagger))
                 report["wyoming"].setdefault(str(count), {})[mode] = summarise(replies, solo)
         for count in http_counts:
             for mode in modes:
                 _log(f"http, {count} request(s), {mode}…")
-                replies = asyncio.run(http_together(ports[mode][1], count, args.tokens))
+                replies = asyncio.run(
+                    http_together(ports[mode][1], count, args.tokens, args.stagger)
+                )
                 report["http"].setdefault(str(count), {})[mode] = summarise(replies, None)
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 0
@@ -304,8 +316,14 @@ def server_pair(
         yield
 
 
-async def _together(client: Any, port: int, count: int) -> list[Reply]:
-    return list(await asyncio.gather(*(client(port, sentence(i)) for i in range(count))))
+async def _together(client: Any, port: int, count: int, stagger: float = 0.0) -> list[Reply]:
+    """`count` clients, client i starting `i × stagger` seconds after the first (0: at once)."""
+
+    async def one(index: int) -> Reply:
+        await asyncio.sleep(index * stagger)
+        return await client(port, sentence(index))
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
 def table(report: dict[str, Any]) -> str:
@@ -314,7 +332,12 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['tokens']} tokens a sentence ({seconds:.1f} s of audio), "
         f"the first client's prompt {report['prompt_tokens']} tokens, dtype {report['dtype']}, "
-        f"load average at the start {report['load_average_at_start']:.2f}",
+        f"load average at the start {report['load_average_at_start']:.2f}"
+        + (
+            f"; clients start {report['stagger_seconds']:g} s apart"
+            if report["stagger_seconds"]
+            else ""
+        ),
         "",
         "engine alone: infer_stream × real time {:.1f} (one-token chunks), {:.1f} (growing "
         "chunks); infer {:.1f}".format(

@@ -49,11 +49,12 @@ from soprano.lm import LanguageModel, SamplingParams, SequenceBatch, Step
 
 _LOGGER = logging.getLogger(__name__)
 
-MAX_ADMISSION_WAIT = 1.0
+MAX_ADMISSION_WAIT = 0.5
 """Seconds a request that has not started speaking waits at most for the playing requests to
 afford its prefill. Then it starts anyway: on a machine at its limit their slack may never grow,
 and one prefill's pause (70 ms for a typical prompt on 2 cores) is better than a new request
-waiting as long as the running sentences last."""
+waiting as long as the running sentences last. Half a second: with 16 bf16 clients arriving 0.1 s
+apart none ran dry, and their first audio p95 was 0.3–0.6 s (0.7–0.9 s with a 1 s bound)."""
 
 COST_SMOOTHING = 0.25
 """Weight of the newest step in StepCosts' running averages: they follow a change of load within
