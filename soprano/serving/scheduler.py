@@ -274,7 +274,7 @@ class Scheduler:
         allowance = math.inf
         for job in self.jobs:
             slack = job.slack(now)
-            if slack is None or slack <= 0 or job.paused or job.finished:
+            if slack is None or slack <= 0 or job.paused:
                 continue
             allowance = min(allowance, slack - job.steps_to_next_chunk() * step_seconds)
         return allowance
@@ -289,8 +289,9 @@ class Scheduler:
         for job in [job for job in self.jobs if job.cancelled]:
             self.cancel(job)
         chosen = self._choose(min(self.prefill_allowance(), allowance_elsewhere), started)
-        prompt_tokens = sum(len(s.prompt) for _, s in chosen if s.key is None)
-        running_rows = len(chosen) - sum(1 for _, s in chosen if s.key is None)
+        starting = [sentence for _, sentence in chosen if sentence.key is None]
+        prompt_tokens = sum(len(sentence.prompt) for sentence in starting)
+        running_rows = len(chosen) - len(starting)
         for job, sentence in chosen:
             if sentence.key is None and not job.finished:
                 try:
