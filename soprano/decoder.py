@@ -9,10 +9,16 @@ Every convolution here is a "valid" convolution over a window that carries `cont
 on each side. Offline decoding pads those frames with zeros (the same as zero-padded convs);
 streaming carries the last frames of the previous chunk instead. One code path serves both, which
 is what makes streamed audio equal offline audio.
+
+The backbone holds its activations frames-major, [B, T, channels]: a streamed chunk is a few
+frames, and in this layout its windows are joined, convolved and added as whole rows (a few
+copies of contiguous memory) rather than as hundreds of short strided runs, which cost a
+streaming pass more than its products did (docs/decoder.md, streaming).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +43,10 @@ SPECTRUM_BINS = N_FFT // 2 + 1
 MAX_MAGNITUDE = 100.0
 """Upper clip of exp(log-magnitude), a safeguard of the published head."""
 
+FRAMES_PER_SAMPLE = N_FFT // HOP_LENGTH
+"""iSTFT frames that overlap at each output sample (4): a frame is that many hops long."""
+assert FRAMES_PER_SAMPLE * HOP_LENGTH == N_FFT
+
 LAYER_NORM_EPS = 1e-6
 DEPTHWISE_KERNEL = 3
 INIT_STD = 0.02
@@ -56,13 +66,14 @@ def upsample(hidden: Tensor) -> Tensor:
     return F.interpolate(hidden, size=size, mode="linear", align_corners=True)
 
 
-def _norm_channels(norm: nn.LayerNorm, x: Tensor) -> Tensor:
-    """LayerNorm over the channels of a [B, C, T] tensor."""
-    return norm(x.transpose(1, 2)).transpose(1, 2)
-
-
 def _inner(window: Tensor, context: int) -> Tensor:
-    return window[..., context : window.shape[-1] - context]
+    """The frames of a frames-major [B, T + 2·context, C] window that have context both sides."""
+    return window[:, context : window.shape[1] - context]
+
+
+def _pad_frames(x: Tensor, before: int, after: int) -> Tensor:
+    """Zero frames before and after the frames of a [B, T, C] tensor."""
+    return F.pad(x, (0, 0, before, after))
 
 
 class ConvNeXtBlock(nn.Module):
@@ -80,11 +91,24 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
 
     def forward(self, window: Tensor) -> Tensor:
-        """Map a [B, D, T + 2·context] window to its T inner frames."""
-        y = self.dwconv(window).transpose(1, 2)
+        """Map a frames-major [B, T + 2·context, D] window to its T inner frames."""
+        y = self.depthwise(window)
         rows = y.reshape(-1, y.shape[-1])
-        y = self.channel_mlp(rows, [len(rows)]).view(y.shape)
-        return _inner(window, self.context) + y.transpose(1, 2)
+        return _inner(window, self.context) + self.channel_mlp(rows, [len(rows)]).view(y.shape)
+
+    def depthwise(self, window: Tensor) -> Tensor:
+        """The depthwise conv of a [B, T + 2·context, D] window: [B, T, D].
+
+        Written as a product and a sum per tap, in tap order, so that every frame's value is the
+        same IEEE arithmetic however many frames or streams share the call (PyTorch's
+        convolution promises no order) and the frames-major rows need no transpose.
+        """
+        taps = self.dwconv.weight[:, 0].T.contiguous()  # [kernel, D]
+        frames = window.shape[1] - 2 * self.context
+        y = window[:, :frames] * taps[0]
+        for tap in range(1, len(taps)):
+            y += window[:, tap : tap + frames] * taps[tap]
+        return y + self.dwconv.bias
 
     def channel_mlp(self, rows: Tensor, sizes: Sequence[int]) -> Tensor:
         """The per-frame part of the block on [frames, D] rows, made of runs of `sizes` frames.
@@ -99,7 +123,8 @@ class ConvNeXtBlock(nn.Module):
 
 
 class VocosBackbone(nn.Module):
-    """Embed conv, LayerNorm, ConvNeXt blocks, final LayerNorm; [B, C, T] → [B, D, T]."""
+    """Embed conv, LayerNorm, ConvNeXt blocks, final LayerNorm; frames-major [B, T, C] →
+    [B, T, D]."""
 
     def __init__(
         self,
@@ -141,12 +166,16 @@ class VocosBackbone(nn.Module):
         return sum(context for _, context in self.stages())
 
     def _embed(self, window: Tensor) -> Tensor:
-        return _norm_channels(self.norm, self.embed(window))
+        if isinstance(self.embed, WindowProduct):
+            frames = self.embed(window)
+        else:
+            frames = self.embed(window.transpose(1, 2)).transpose(1, 2)
+        return self.norm(frames)
 
     def forward(self, x: Tensor) -> Tensor:
         for stage, context in self.stages():
-            x = stage(F.pad(x, (context, context)))
-        return _norm_channels(self.final_layer_norm, x)
+            x = stage(_pad_frames(x, context, context))
+        return self.final_layer_norm(x)
 
 
 class WindowProduct(nn.Module):
@@ -171,9 +200,10 @@ class WindowProduct(nn.Module):
         self.linear.bias.data = conv.bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        """[B, C, T + kernel − 1] → [B, out, T]; a window is channel-major, as the weight."""
-        windows = x.transpose(1, 2).unfold(1, self.kernel, 1)  # [B, T, C, kernel]
-        return self.linear(windows.reshape(*windows.shape[:2], -1)).transpose(1, 2)
+        """Frames-major [B, T + kernel − 1, C] → [B, T, out]; a window is channel-major, as
+        the weight."""
+        windows = x.unfold(1, self.kernel, 1)  # [B, T, C, kernel]
+        return self.linear(windows.reshape(*windows.shape[:2], -1))
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -208,21 +238,29 @@ class ISTFT(nn.Module):
         Returns the signal [B, HOP·(T−1) + N_FFT] and the envelope [1, same length].
         """
         count = frames.shape[-1]
-        fold = {
-            "output_size": (1, HOP_LENGTH * (count - 1) + N_FFT),
-            "kernel_size": (1, N_FFT),
-            "stride": (1, HOP_LENGTH),
-        }
-        signal = F.fold(frames, **fold)[:, 0, 0]
         squared = (self.window**2)[None, :, None].expand(1, N_FFT, count)
-        envelope = F.fold(squared, **fold)[:, 0, 0]
-        return signal, envelope
+        return _overlap_add(frames), _overlap_add(squared)
 
     def forward(self, spectrum: Tensor) -> Tensor:
         """[B, 1025, T] → [B, HOP·(T−1)] samples: overlap-add, trim N_FFT/2 each end, normalise."""
         signal, envelope = self.overlap_add(self.frames(spectrum))
         trim = N_FFT // 2
         return _inner(signal, trim) / _inner(envelope, trim)
+
+
+def _overlap_add(frames: Tensor) -> Tensor:
+    """Sum [B, N_FFT, T] frames placed HOP_LENGTH apart: [B, HOP·(T−1) + N_FFT].
+
+    A frame is FRAMES_PER_SAMPLE hops, so this is that many shifted additions of whole hops,
+    each sample summing its frames from the latest to the earliest (F.fold, which adds one
+    sample at a time, cost a streamed chunk more than its FFTs).
+    """
+    batch, _, count = frames.shape
+    hops = frames.reshape(batch, FRAMES_PER_SAMPLE, HOP_LENGTH, count).transpose(2, 3)
+    signal = frames.new_zeros(batch, HOP_LENGTH * (count + FRAMES_PER_SAMPLE - 1))
+    for hop in range(FRAMES_PER_SAMPLE):
+        signal[:, hop * HOP_LENGTH : (hop + count) * HOP_LENGTH] += hops[:, hop].reshape(batch, -1)
+    return signal
 
 
 class ISTFTHead(nn.Module):
@@ -234,8 +272,8 @@ class ISTFTHead(nn.Module):
         self.istft = ISTFT()
 
     def spectrum(self, x: Tensor) -> Tensor:
-        """[B, D, T] backbone output → complex spectrum [B, 1025, T]."""
-        return self.polar(self.out(x.transpose(1, 2)))
+        """Frames-major [B, T, D] backbone output → complex spectrum [B, 1025, T]."""
+        return self.polar(self.out(x))
 
     @staticmethod
     def polar(projected: Tensor) -> Tensor:
@@ -314,7 +352,7 @@ class SopranoDecoder(nn.Module):
         hidden = hidden.to(self.device, torch.float32)
         if hidden.shape[-1] < 2:
             return hidden.new_zeros(hidden.shape[0], 0)
-        return self.head(self.decoder(upsample(hidden)))
+        return self.head(self.decoder(upsample(hidden).transpose(1, 2)))
 
     @torch.inference_mode()
     def decode(self, sequences: Sequence[Tensor], batch_size: int = 1) -> list[Tensor]:
@@ -449,7 +487,7 @@ class StreamingDecoder:
         # Left context of every stage starts as the zero padding of the offline decode.
         channels = [decoder.input_channels] + [decoder.dim] * decoder.num_blocks
         self._stage_tails = [
-            torch.zeros(1, width, context, device=device)
+            torch.zeros(1, context, width, device=device)
             for width, (_, context) in zip(channels, decoder.decoder.stages(), strict=True)
         ]
         # Overlap-add sums of the positions that later frames still reach.
@@ -501,19 +539,20 @@ class StreamingDecoder:
         return chunk
 
     def _upsample_pending(self) -> Tensor:
-        """Upsampled frames that the pending tokens add (4 per token after the first)."""
+        """Upsampled frames that the pending tokens add (4 per token after the first), as
+        frames-major [1, frames, C]."""
         tokens = self._pending
         self._pending = []
         if not tokens:
-            return torch.zeros(1, self.decoder.input_channels, 0, device=self.decoder.device)
+            return torch.zeros(1, 0, self.decoder.input_channels, device=self.decoder.device)
         previous = self._previous_frame
         continuing = previous is not None
         if previous is not None:
             tokens = [previous, *tokens]
         self._previous_frame = tokens[-1]
-        frames = upsample(torch.stack(tokens, dim=1)[None])
+        frames = upsample(torch.stack(tokens, dim=1)[None]).transpose(1, 2)
         # The previous token's own frame went out with the previous call.
-        return frames[..., 1:] if continuing else frames
+        return frames[:, 1:] if continuing else frames
 
     def _window(self, index: int, context: int, x: Tensor, flush: bool) -> Tensor | None:
         """New frames of one stage behind its kept context (and, with `flush`, the right zero
@@ -521,10 +560,10 @@ class StreamingDecoder:
         (a 1×1 embed fed nothing: finish right after a chunk)."""
         parts = [self._stage_tails[index], x]
         if flush:
-            parts.append(x.new_zeros(1, x.shape[1], context))
-        window = torch.cat(parts, dim=-1)
-        self._stage_tails[index] = window[..., window.shape[-1] - 2 * context :]
-        return window if window.shape[-1] > 2 * context else None
+            parts.append(x.new_zeros(1, context, x.shape[2]))
+        window = torch.cat(parts, dim=1)
+        self._stage_tails[index] = window[:, window.shape[1] - 2 * context :]
+        return window if window.shape[1] > 2 * context else None
 
     def _overlap_add(self, spectrum: Tensor, flush: bool) -> Tensor:
         """Final samples of this call's spectrum frames, the tail of the previous call added."""
@@ -586,34 +625,49 @@ def _decode_together(streams: Sequence[StreamingDecoder], flushes: Sequence[bool
         else:
             empty = _no_frames(decoder.dim, decoder.device)
             xs = [empty if window is None else stage(window) for window in windows]
-    rows = torch.cat([x[0].T for x in xs])
+    rows = torch.cat([x[0] for x in xs])
     projected = decoder.head.out(backbone.final_layer_norm(rows))
     # exp and polar run per stream: their vectorised loops' tails depend on the tensor's size.
     return [
         stream._take(stream._overlap_add(ISTFTHead.polar(part[None]), flush), flush)
         for stream, part, flush in zip(
-            streams, projected.split([x.shape[-1] for x in xs]), flushes, strict=True
+            streams, projected.split([x.shape[1] for x in xs]), flushes, strict=True
         )
     ]
 
 
 def _no_frames(width: int, device: torch.device) -> Tensor:
-    """What a stage yields for a stream whose window holds no new frame: [1, width, 0]."""
-    return torch.zeros(1, width, 0, device=device)
+    """What a stage yields for a stream whose window holds no new frame: [1, 0, width]."""
+    return torch.zeros(1, 0, width, device=device)
 
 
 def _blocks_together(block: ConvNeXtBlock, windows: Sequence[Tensor | None]) -> list[Tensor]:
-    """One ConvNeXt block on several streams' windows: depthwise conv per stream, the channel
-    MLP on all their frames at once."""
-    convolved = [None if window is None else block.dwconv(window)[0].T for window in windows]
-    present = [frames for frames in convolved if frames is not None]
-    sizes = [len(frames) for frames in present]
-    mixed = iter(block.channel_mlp(torch.cat(present), sizes).split(sizes) if present else [])
+    """One ConvNeXt block on several streams' windows, all their rows at once.
+
+    The windows are joined end to end and convolved as one; the rows whose taps reach across
+    two streams are dropped, and the others are each stream's own frames, with the bits of
+    its window alone (the conv is a product and a sum per tap, row by row). The residual and
+    the channel MLP then take the kept rows together.
+    """
     empty = _no_frames(len(block.gamma), block.gamma.device)
-    return [
-        empty if window is None else _inner(window, block.context) + next(mixed).T[None]
-        for window in windows
-    ]
+    present = [window[0] for window in windows if window is not None]
+    if not present:
+        return [empty for _ in windows]
+    joined = torch.cat(present)
+    sizes = [len(window) - 2 * block.context for window in present]
+    starts = itertools.accumulate((len(window) for window in present[:-1]), initial=0)
+    kept = torch.tensor(
+        [
+            row
+            for start, size in zip(starts, sizes, strict=True)
+            for row in range(start, start + size)
+        ],
+        device=joined.device,
+    )
+    convolved = block.depthwise(joined[None])[0].index_select(0, kept)
+    mixed = joined.index_select(0, kept + block.context) + block.channel_mlp(convolved, sizes)
+    frames = iter(mixed.split(sizes))
+    return [empty if window is None else next(frames)[None] for window in windows]
 
 
 def _lookahead_tokens(decoder: SopranoDecoder) -> int:

@@ -259,8 +259,8 @@ def test_head_and_istft_match_numpy(embed_kernel: int) -> None:
     decoder = loud_edges_decoder(embed_kernel)
     hidden = torch.randn(1, 32, 6)
     with torch.inference_mode():
-        features = decoder.decoder(upsample(hidden))
-        head_output = decoder.head.out(features.transpose(1, 2))[0].T.double().numpy()
+        features = decoder.decoder(upsample(hidden).transpose(1, 2))
+        head_output = decoder.head.out(features)[0].T.double().numpy()
         audio = decoder(hidden)[0].numpy()
     assert np.exp(head_output[100:140]).max() > 100  # the clip is exercised
     np.testing.assert_allclose(audio, numpy_head_istft(head_output), atol=1e-4, rtol=0)
