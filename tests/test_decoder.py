@@ -12,7 +12,13 @@ import torch
 
 from soprano.constants import HOP_LENGTH, N_FFT, RECEPTIVE_FIELD, TOKEN_SAMPLES, UPSAMPLE_FACTOR
 from soprano.cpu.linear import use_panels
-from soprano.decoder import SopranoDecoder, StreamingDecoder, upsample
+from soprano.decoder import (
+    SopranoDecoder,
+    StreamingDecoder,
+    WindowProduct,
+    decode_streams,
+    upsample,
+)
 from soprano.errors import ModelLoadError
 
 SMALL = {"input_channels": 32, "dim": 48, "intermediate_dim": 144}
@@ -403,3 +409,37 @@ def test_cpu_kernels_decode_what_pytorch_decodes(
     torch.testing.assert_close(fast.decode([frames])[0], expected, atol=1e-5, rtol=0)
     _, pieces = stream(StreamingDecoder(fast, chunk_size), frames)
     torch.testing.assert_close(torch.cat(pieces), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("embed_kernel", [1, 3])
+def test_streams_decoded_together_get_the_bits_they_get_alone(
+    embed_kernel: int, compiled_kernels: ModuleType
+) -> None:
+    """Streams of other lengths and chunk sizes, decoded in shared passes (on the kernels' fp32
+    panels, whose products sum each row in one order), give each stream the bytes it gets
+    alone: no row that the joined depthwise conv computes across two streams leaks into one."""
+    decoder = small_decoder(embed_kernel)
+    use_panels(decoder, compiled_kernels, torch.float32)
+    decoder.decoder.embed = WindowProduct(decoder.decoder.embed)
+    use_panels(decoder.decoder.embed, compiled_kernels, torch.float32)
+    lengths, chunks = [14, 6, 11, 3, 0], [1, 2, 1, 5, 1]
+    sentences = [torch.randn(length, SMALL["input_channels"]) for length in lengths]
+    alone = [
+        torch.cat(stream(StreamingDecoder(decoder, chunk, 8), sentence)[1])
+        for chunk, sentence in zip(chunks, sentences, strict=True)
+    ]
+    streams = [StreamingDecoder(decoder, chunk, 8) for chunk in chunks]
+    pieces: list[list[torch.Tensor]] = [[] for _ in streams]
+    for step in range(max(lengths) + 1):
+        due, flushes = [], []
+        for index, (stream_, sentence) in enumerate(zip(streams, sentences, strict=True)):
+            if step < len(sentence):
+                stream_.add(sentence[step])
+            if stream_.due or step == len(sentence):
+                due.append(index)
+                flushes.append(step == len(sentence))
+        decoded = decode_streams([streams[i] for i in due], flushes)
+        for index, piece in zip(due, decoded, strict=True):
+            pieces[index].append(piece)
+    for together, expected in zip(pieces, alone, strict=True):
+        assert torch.equal(torch.cat(together), expected)
