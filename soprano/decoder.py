@@ -103,12 +103,14 @@ class ConvNeXtBlock(nn.Module):
         same IEEE arithmetic however many frames or streams share the call (PyTorch's
         convolution promises no order) and the frames-major rows need no transpose.
         """
+        bias = self.dwconv.bias
+        assert bias is not None  # the published blocks' convs have one
         taps = self.dwconv.weight[:, 0].T.contiguous()  # [kernel, D]
         frames = window.shape[1] - 2 * self.context
         y = window[:, :frames] * taps[0]
         for tap in range(1, len(taps)):
             y += window[:, tap : tap + frames] * taps[tap]
-        return y + self.dwconv.bias
+        return y + bias
 
     def channel_mlp(self, rows: Tensor, sizes: Sequence[int]) -> Tensor:
         """The per-frame part of the block on [frames, D] rows, made of runs of `sizes` frames.
