@@ -67,7 +67,8 @@ def upsample(hidden: Tensor) -> Tensor:
 
 
 def _inner(window: Tensor, context: int) -> Tensor:
-    """The frames of a frames-major [B, T + 2·context, C] window that have context both sides."""
+    """The middle of the time axis (dim 1) of a [B, T + 2·context, …] tensor: a frames-major
+    window's frames that have context on both sides, or a signal's samples past a trim."""
     return window[:, context : window.shape[1] - context]
 
 

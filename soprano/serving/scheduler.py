@@ -146,8 +146,6 @@ class Job:
         """Playing time of the audio delivered so far."""
         self.served_tokens = 0
         self.produced_samples = 0
-        self.held_samples = 0
-        """Made but not yet delivered: later sentences wait for the ones before them."""
         self.silence_samples = 0
         """Pauses added by the serving layer, counted in produced_samples for backpressure."""
         self.consumed_samples = 0
@@ -156,6 +154,11 @@ class Job:
         self.finished = False
         self.paused = False
         """Held back: its consumer has not taken max_buffered_samples of its audio."""
+
+    @property
+    def held_samples(self) -> int:
+        """Made but not yet delivered: later sentences wait for the ones before them."""
+        return sum(len(chunk) for sentence in self.sentences for chunk in sentence.held)
 
     @property
     def buffered_samples(self) -> int:
@@ -408,7 +411,6 @@ class Scheduler:
         ):
             if len(chunk):
                 sentence.held.append(chunk)
-                job.held_samples += len(chunk)
             if step.last:
                 self._end_sentence(job, sentence, step)
 
@@ -423,7 +425,6 @@ class Scheduler:
             seed = sentence.params.seed
             if seed is not None:
                 sentence.params = replace(sentence.params, seed=seed + 1)
-            job.held_samples -= sum(len(chunk) for chunk in sentence.held)
             sentence.held.clear()
             sentence.frames.clear()
             return
@@ -438,7 +439,6 @@ class Scheduler:
             if job.retries and not sentence.done:
                 return
             for chunk in sentence.held:
-                job.held_samples -= len(chunk)
                 job._send(chunk)
             sentence.held.clear()
             if not sentence.done:
